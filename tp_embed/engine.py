@@ -1,0 +1,176 @@
+"""The engine: every rank holds a model shard; rank 0 also tokenizes, packs batches, sends them to the
+workers and pools.
+
+    rank 0:   tokens -> pack_batches -> send_batch + model.forward -> pool -> float32 [n, hidden]
+    rank k>0: worker_loop: recv -> model.forward (its shard, all-reduces with rank 0) -> repeat
+
+Exactly one thread on rank 0 may call `forward_pooled` / `heartbeat` / `stop_workers`: collectives must
+be issued in the same order on every rank.
+"""
+
+import logging
+import os
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from tp_embed.batch import Batch
+from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig, resolve_dtype
+from tp_embed.distributed import init_distributed
+from tp_embed.loader import load_weights
+from tp_embed.model_path import resolve_model_path
+from tp_embed.models import build_model
+from tp_embed.pooling import pool
+from tp_embed.protocol import Cmd, recv, send_batch, send_command
+
+logger = logging.getLogger("tp_embed")
+
+
+class InputTooLongError(ValueError):
+    def __init__(self, index: int, num_tokens: int, limit: int):
+        self.index, self.num_tokens, self.limit = index, num_tokens, limit
+        super().__init__(f"input {index} has {num_tokens} tokens, more than this model's context length of "
+                         f"{limit} tokens; shorten it or ask for truncation (`truncate: true` or "
+                         f"--allow-auto-truncate)")
+
+
+class TextProcessor:
+    """The model's own tokenizer as configured (its special tokens, e.g. the EOS that gte-Qwen2 and
+    Qwen3-Embedding pool on), the context length and the sentence-transformers prompts."""
+
+    def __init__(self, model_dir: str, config: ModelConfig, st: SentenceTransformersConfig,
+                 context_length: int | None, trust_remote_code: bool):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        if not self.tokenizer.is_fast:
+            logger.warning("%s has no fast tokenizer; tokenization will be slow", model_dir)
+        limit = config.max_input_tokens
+        if context_length is not None:
+            if context_length > limit:
+                raise ConfigError(f"--context-length {context_length} exceeds the model's position limit {limit}")
+            self.max_length = context_length
+        elif st.max_seq_length:
+            self.max_length = min(st.max_seq_length, limit)
+        elif 0 < getattr(self.tokenizer, "model_max_length", 0) < 10 ** 7:
+            self.max_length = min(self.tokenizer.model_max_length, limit)
+        else:
+            self.max_length = limit
+        self.prompts = dict(st.prompts)
+        self.default_prompt_name = st.default_prompt_name
+        self.vocab_size = config.vocab_size
+
+    def prompt(self, name: str | None) -> str:
+        name = name if name is not None else self.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise KeyError(f"unknown prompt_name {name!r}; this model's prompts: {known}")
+        return self.prompts[name]
+
+    def encode(self, texts: list[str], truncate: bool, prompt: str = "") -> list[list[int]]:
+        """Token ids per text, with the tokenizer's special tokens; raises InputTooLongError."""
+        if prompt:
+            texts = [prompt + t for t in texts]
+        if truncate:
+            return self.tokenizer(texts, add_special_tokens=True, truncation=True,
+                                  max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        self.check_lengths(ids)
+        return ids
+
+    def check_lengths(self, sequences: list[list[int]]) -> None:
+        for i, s in enumerate(sequences):
+            if len(s) > self.max_length:
+                raise InputTooLongError(i, len(s), self.max_length)
+
+
+def pack_batches(lengths: list[int], max_batch_tokens: int, max_batch_seqs: int) -> list[list[int]]:
+    """Group sequence indices, in order, into batches of at most max_batch_tokens tokens and
+    max_batch_seqs sequences. A sequence longer than the budget gets a batch of its own."""
+    batches, current, tokens = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and (tokens + n > max_batch_tokens or len(current) == max_batch_seqs):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Engine:
+    def __init__(self, args, show_progress: bool = True):
+        self.args = args
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 1) // local_world))
+        self.dist = init_distributed(args.tp, args.device, args.dist_backend, args.dist_timeout)
+        self.is_driver = self.dist.tp_rank == 0
+        self.model_dir, self.model_name = resolve_model_path(args.model_path)
+        self.config = ModelConfig.from_pretrained(self.model_dir, args.tp, args.trust_remote_code,
+                                                  args.model_overrides, self.model_name)
+        self.device = self.dist.device
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        t0 = time.perf_counter()
+        self.model = build_model(self.config, self.dtype, self.device)
+        self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
+        self.load_seconds = time.perf_counter() - t0
+        self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
+        self.max_batch_seqs = args.max_batch_seqs
+        self.attention_backend = args.attention_backend
+        self.st = SentenceTransformersConfig.read(self.model_dir)
+        self.pooling = args.pooling or self.st.pooling or ("last" if self.config.family == "decoder" else "cls")
+        has_st = os.path.isfile(os.path.join(self.model_dir, "modules.json"))
+        self.normalize = args.normalize if args.normalize is not None else (self.st.normalize or not has_st)
+        hf = self.config.hf_config
+        self.matryoshka_dimensions = getattr(hf, "matryoshka_dimensions", None)
+        self.is_matryoshka = bool(getattr(hf, "is_matryoshka", False))
+        self.text = (TextProcessor(self.model_dir, self.config, self.st, args.context_length,
+                                   args.trust_remote_code) if self.is_driver else None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @torch.inference_mode()
+    def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Rank 0: one packed batch through every rank's shard -> pooled float32 [n, hidden] on CPU."""
+        batch = Batch.from_token_ids(sequences)
+        send_batch(batch)
+        batch = batch.to(self.device)
+        hidden = self.model(batch, self.attention_backend)
+        return pool(hidden, batch.cu_seqlens, self.pooling).cpu()
+
+    def embed(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Rank 0: pooled float32 [n, hidden] for any number of sequences, in their order.
+
+        Sorting by length before packing keeps batches of similar lengths together (less attention
+        padding on the SDPA path); results are put back in input order.
+        """
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out = torch.empty(len(sequences), self.hidden_size, dtype=torch.float32)
+        for group in pack_batches([len(sequences[i]) for i in order], self.max_batch_tokens, self.max_batch_seqs):
+            idx = [order[j] for j in group]
+            out[idx] = self.forward_pooled([sequences[i] for i in idx])
+        return out
+
+    def warmup(self) -> None:
+        if self.is_driver:
+            self.forward_pooled([[0] * 8, [0] * 3])
+
+    def heartbeat(self) -> None:
+        send_command(Cmd.NOOP)
+
+    def stop_workers(self) -> None:
+        send_command(Cmd.STOP)
+
+    @torch.inference_mode()
+    def worker_loop(self) -> None:
+        """Ranks 1..N-1: run every batch rank 0 sends until it sends STOP."""
+        while True:
+            cmd, batch = recv()
+            if cmd == Cmd.STOP:
+                return
+            if cmd == Cmd.FORWARD:
+                self.model(batch.to(self.device), self.attention_backend)

@@ -1,0 +1,91 @@
+"""Attention over packed, unpadded batches.
+
+Sequences are packed end to end; `cu_seqlens` [B+1] marks their boundaries. `VarlenAttention` is
+built once per batch (FlashInfer plans its kernel there) and called once per layer with
+q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim].
+
+On CUDA with a head dim FlashInfer supports: FlashInfer's ragged prefill. Everywhere else (CPU, head dim
+32 as in all-MiniLM-L6-v2): PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim]
+view with a mask that keeps every sequence to itself. Both compute the same function.
+"""
+
+import torch
+import torch.nn.functional as F
+
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+_WORKSPACES: dict = {}
+
+
+def flashinfer_available() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_flashinfer(device: torch.device, head_dim: int, dtype: torch.dtype, backend: str = "auto") -> bool:
+    if backend == "sdpa":
+        return False
+    ok = device.type == "cuda" and head_dim in FLASHINFER_HEAD_DIMS and dtype in (torch.float16, torch.bfloat16)
+    if backend == "flashinfer":
+        if not ok:
+            raise ValueError(f"FlashInfer needs CUDA, fp16/bf16 and head_dim in {FLASHINFER_HEAD_DIMS}")
+        if not flashinfer_available():
+            raise ValueError("--attention-backend flashinfer: flashinfer is not installed (pip install '.[gpu]')")
+        return True
+    return ok and flashinfer_available()
+
+
+class VarlenAttention:
+    """softmax(q k^T * scale + mask) v per sequence; mask is causal or none, never across sequences."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, causal: bool, dtype: torch.dtype, backend: str = "auto",
+                 scale: float | None = None):
+        self.causal = causal
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        device = cu_seqlens.device
+        self.flashinfer = use_flashinfer(device, head_dim, dtype, backend)
+        if self.flashinfer:
+            import flashinfer
+            if device not in _WORKSPACES:
+                _WORKSPACES[device] = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+            self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_WORKSPACES[device], "NHD")
+            indptr = cu_seqlens.to(torch.int32)
+            self.wrapper.plan(indptr, indptr, num_heads, num_kv_heads, head_dim, causal=causal,
+                              sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
+            return
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        self.num_seqs = lens.numel()
+        self.max_seqlen = max_seqlen
+        if self.num_seqs == 1:
+            return
+        # token t of the packed batch sits at (seq_idx[t], pos_idx[t]) of the padded view
+        self.seq_idx = torch.repeat_interleave(torch.arange(self.num_seqs, device=device), lens)
+        self.pos_idx = torch.arange(self.seq_idx.numel(), device=device) - cu_seqlens[:-1].long()[self.seq_idx]
+        ar = torch.arange(max_seqlen, device=device)
+        mask = (ar[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]: keys inside the sequence
+        if causal:
+            mask = mask & (ar[None, :] <= ar[:, None])[None, None]  # [B, 1, L, L]
+        self.mask = mask
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.flashinfer:
+            return self.wrapper.run(q, k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        if self.num_seqs == 1:
+            # [1, heads, T, head_dim]
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], is_causal=self.causal,
+                                               scale=self.scale, enable_gqa=gqa)
+            return o[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(self._pad(q), self._pad(k), self._pad(v), attn_mask=self.mask,
+                                           scale=self.scale, enable_gqa=gqa)  # [B, heads, L, head_dim]
+        return o.transpose(1, 2)[self.seq_idx, self.pos_idx]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(self.num_seqs, self.max_seqlen, x.shape[1], x.shape[2])
+        padded[self.seq_idx, self.pos_idx] = x
+        return padded.transpose(1, 2)  # [B, heads, L, head_dim]

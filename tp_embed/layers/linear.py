@@ -1,0 +1,164 @@
+"""Tensor-parallel linear layers and the vocab-parallel embedding (Megatron's split).
+
+Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that cuts this rank's shard from a
+checkpoint tensor. `loaded` is either a torch tensor or a safetensors slice (`safe_open(...).get_slice`):
+both index with `loaded[a:b]` / `loaded[:, a:b]`, so a rank reads only its own rows or columns and never
+the whole tensor.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_embed.distributed import all_reduce, tp_rank, tp_size
+
+
+def loaded_shape(loaded) -> tuple[int, ...]:
+    return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+
+
+def read_rows(loaded, start: int, length: int) -> torch.Tensor:
+    """Rows [start, start + length) of a tensor or safetensors slice (dim 0)."""
+    return loaded[start:start + length]
+
+
+def read_cols(loaded, start: int, length: int) -> torch.Tensor:
+    """Columns [start, start + length) along dim 1 (the input dim of a 2-D weight)."""
+    return loaded[:, start:start + length]
+
+
+def read_all(loaded) -> torch.Tensor:
+    return loaded[:]
+
+
+def replicated_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    shape = loaded_shape(loaded)
+    if shape != tuple(param.shape):
+        raise ValueError(f"checkpoint shape {shape} does not match parameter shape {tuple(param.shape)}")
+    param.data.copy_(read_all(loaded))
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA + b. A is split along its output dimension, A = [A_1, ..., A_p]; rank i holds A_i and b_i
+    and computes Y_i = X A_i + b_i. No communication: the next layer consumes the split output."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.input_size = input_size
+        self.output_size_per_partition = output_size // self.tp_size
+        assert self.output_size_per_partition * self.tp_size == output_size
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size_per_partition), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        rows = param.shape[0]
+        param.data.copy_(read_rows(loaded, self.tp_rank * rows, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs (gate and up) stacked in one matmul: each rank holds
+    [A_gate_i; A_up_i], shard_id names which checkpoint tensor is being loaded."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int = 0) -> None:
+        local = [s // self.tp_size for s in self.output_sizes]
+        offset = sum(local[:shard_id])
+        param.data[offset:offset + local[shard_id]].copy_(
+            read_rows(loaded, self.tp_rank * local[shard_id], local[shard_id]))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by attention heads.
+
+    Rank i holds q heads [i*h/p, (i+1)*h/p) and its KV heads: a slice of them when p divides
+    num_kv_heads, or one KV head replicated over p/num_kv_heads ranks when p exceeds it (GQA with tp >
+    kv heads). Output layout per rank: [q_local | k_local | v_local].
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
+        tp = tp_size()
+        self.head_dim = head_dim
+        self.num_local_heads = num_heads // tp
+        self.num_local_kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one KV head
+        output = (self.num_local_heads + 2 * self.num_local_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, output, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: str = "q") -> None:
+        q_size = self.num_local_heads * self.head_dim
+        kv_size = self.num_local_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, q_size, self.tp_rank * q_size
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, start = kv_size, (self.tp_rank // self.kv_replicas) * kv_size
+        param.data[offset:offset + size].copy_(read_rows(loaded, start, size))
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA + b. A is split along its input dimension, A = [A_1; ...; A_p], and X along its last
+    dimension; rank i computes X_i A_i and the partial sums are all-reduced. b is added once, after."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.input_size_per_partition = input_size // self.tp_size
+        assert self.input_size_per_partition * self.tp_size == input_size
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = replicated_weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        cols = param.shape[1]
+        param.data.copy_(read_cols(loaded, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by rows: rank i holds ids [i*V/p, (i+1)*V/p) of the vocabulary padded to a
+    multiple of p. Ids outside the shard look up zeros; the all-reduce sums the one non-zero row."""
+
+    def __init__(self, num_embeddings_padded: int, embedding_dim: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.rows_per_partition = num_embeddings_padded // self.tp_size
+        self.vocab_start = self.tp_rank * self.rows_per_partition
+        self.weight = nn.Parameter(torch.empty(self.rows_per_partition, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        vocab = loaded_shape(loaded)[0]
+        rows = max(0, min(self.rows_per_partition, vocab - self.vocab_start))
+        param.data.zero_()  # padded rows past the real vocabulary stay zero
+        if rows:
+            param.data[:rows].copy_(read_rows(loaded, self.vocab_start, rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows_per_partition)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return all_reduce(out)

@@ -1,0 +1,33 @@
+"""Rotary position embedding (the neox / rotate-half layout that Llama, Mistral and Qwen use)."""
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """inv_freq [head_dim/2] and the cos/sin scale, from the config's rope parameters.
+
+    Scaled variants (linear, yarn, llama3, ...) come from transformers' own table, so a checkpoint with
+    rope scaling gets the frequencies transformers would give it.
+    """
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        return inv_freq, 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [num_tokens, head_dim/2] for int positions [num_tokens], in float32 then cast."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim]; rotates the pairs (x_i, x_{i + head_dim/2})."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,109 @@
+"""Weight loading from safetensors: each rank reads only its own slices.
+
+`safe_open(...).get_slice(name)` gives a lazy view of a checkpoint tensor; each parameter's
+`weight_loader` indexes it with its own rows or columns, so a rank reads its shard from disk and never
+builds the whole tensor.
+"""
+
+import json
+import os
+from collections import defaultdict
+
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from tp_embed.config import ConfigError
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            raise ConfigError(f"{model_dir}: model.safetensors.index.json lists missing files {missing}")
+        return [os.path.join(model_dir, f) for f in files]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not found:
+        raise ConfigError(f"{model_dir} holds no .safetensors weights (pytorch_model.bin is not supported; "
+                          f"convert it with safetensors' convert script)")
+    return [os.path.join(model_dir, f) for f in found]
+
+
+def param_name(model: nn.Module, key: str) -> tuple[str, object] | None:
+    """Checkpoint key -> (parameter name, shard id), or None for a tensor the model does not use."""
+    for prefix in model.strip_prefixes:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    if key.startswith(model.ignored_prefixes):
+        return None
+    key = key.replace("encoder.layer.", "layers.").replace(".gamma", ".weight").replace(".beta", ".bias")
+    for ckpt_part, (param_part, shard_id) in model.packed_modules.items():
+        if ckpt_part in key:
+            return key.replace(ckpt_part, param_part), shard_id
+    return key, None
+
+
+class _CountingSlice:
+    """A safetensors slice that adds the bytes of every read to a counter (tests assert on it)."""
+
+    def __init__(self, inner, stats: dict):
+        self.inner, self.stats = inner, stats
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def __getitem__(self, index):
+        t = self.inner[index]
+        self.stats["bytes_read"] += t.numel() * t.element_size()
+        return t
+
+
+def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -> dict:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`; returns {"bytes_read": n}."""
+    params = dict(model.named_parameters())
+    expected = defaultdict(set)
+    for name in params:
+        expected[name].add(None)
+    for param_part, shard_id in model.packed_modules.values():
+        if shard_id is not None:
+            for name in params:
+                if f".{param_part}." in f".{name}":
+                    expected[name] = expected[name] - {None} | {shard_id}
+    loaded = defaultdict(set)
+    stats = {"bytes_read": 0}
+    files = checkpoint_files(model_dir)
+    with tqdm(total=len(files), desc="loading weights", unit="file", disable=not show_progress) as bar:
+        for path in files:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    target = param_name(model, key)
+                    if target is None:
+                        continue
+                    name, shard_id = target
+                    if name not in params:
+                        if name.endswith(("rotary_emb.inv_freq", "position_ids")):
+                            continue  # buffers some checkpoints carry
+                        raise ConfigError(f"{model_dir}: checkpoint tensor {key!r} matches no parameter "
+                                          f"of {type(model).__name__} (mapped to {name!r})")
+                    param = params[name]
+                    view = _CountingSlice(f.get_slice(key), stats)
+                    if shard_id is None:
+                        param.weight_loader(param, view)
+                    else:
+                        param.weight_loader(param, view, shard_id)
+                    loaded[name].add(shard_id)
+            bar.update(1)
+    missing = [name + ("" if shards == {None} else f" (shards {sorted(map(str, shards - loaded[name]))})")
+               for name, shards in expected.items() if shards - loaded[name]]
+    if missing:
+        raise ConfigError(f"{model_dir}: the checkpoint lacks weights the model needs: {', '.join(missing[:8])}"
+                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return stats

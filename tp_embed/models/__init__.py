@@ -1,0 +1,31 @@
+"""Model families: architecture name -> implementation."""
+
+from tp_embed.config import ModelConfig
+
+
+def build_model(config: ModelConfig, dtype, device):
+    from tp_embed.models.bert import BertModel
+    from tp_embed.models.decoder import DecoderModel
+
+    cls = {"decoder": DecoderModel, "encoder": BertModel}[config.family]
+    with torch_default(dtype, device):
+        model = cls(config)
+    return model.eval()
+
+
+class torch_default:
+    """Build parameters directly at their shard shape, dtype and device (no float32 CPU detour)."""
+
+    def __init__(self, dtype, device):
+        import torch
+        self.torch, self.dtype, self.device = torch, dtype, device
+
+    def __enter__(self):
+        self.old_dtype = self.torch.get_default_dtype()
+        self.torch.set_default_dtype(self.dtype)
+        self.device_ctx = self.torch.device(self.device)
+        self.device_ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.device_ctx.__exit__(*exc)
+        self.torch.set_default_dtype(self.old_dtype)

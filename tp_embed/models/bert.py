@@ -1,0 +1,99 @@
+"""BERT and XLM-RoBERTa encoders (the BGE family, all-MiniLM), sharded like the decoders.
+
+Post-LayerNorm blocks: x = LN(x + attn(x)); x = LN(x + W2 act(W1 x)). Attention is bidirectional.
+XLM-RoBERTa differs only in where positions start (after its padding index) and its vocabulary.
+"""
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from tp_embed.batch import Batch
+from tp_embed.config import ModelConfig
+from tp_embed.layers.attention import VarlenAttention
+from tp_embed.layers.linear import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                    VocabParallelEmbedding, replicated_weight_loader)
+from tp_embed.layers.norm import LayerNorm
+
+
+class ReplicatedEmbedding(nn.Embedding):
+    def __init__(self, num: int, dim: int):
+        super().__init__(num, dim)
+        self.weight.requires_grad_(False)
+        self.weight.weight_loader = replicated_weight_loader
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.position_offset = cfg.position_offset
+        self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size_padded, cfg.hidden_size)
+        self.position_embeddings = ReplicatedEmbedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = ReplicatedEmbedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x = self.word_embeddings(batch.input_ids)
+        x = x + self.position_embeddings(batch.positions + self.position_offset)
+        # single-segment inputs: every token has token type 0
+        x = x + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(x)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_heads, bias=True)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+        cfg = self.cfg
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).view(num_tokens, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
+        o = attn(q, k, v)  # [num_tokens, local_heads, head_dim]
+        return self.LayerNorm(x + self.dense(o.reshape(num_tokens, cfg.q_size)))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        self.act = ACT2FN[cfg.hidden_act]  # exact (erf) GELU for BERT's "gelu"
+        self.output = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+        self.output_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+        x = self.attention(x, attn)
+        return self.output_norm(x + self.output(self.act(self.intermediate(x))))
+
+
+class BertModel(nn.Module):
+    packed_modules = {
+        "attention.self.query": ("attention.qkv_proj", "q"),
+        "attention.self.key": ("attention.qkv_proj", "k"),
+        "attention.self.value": ("attention.qkv_proj", "v"),
+        "attention.output.dense": ("attention.dense", None),
+        "attention.output.LayerNorm": ("attention.LayerNorm", None),
+        "intermediate.dense": ("intermediate", None),
+        "output.dense": ("output", None),
+        "output.LayerNorm": ("output_norm", None),
+    }
+    strip_prefixes = ("bert.", "roberta.", "model.")
+    ignored_prefixes = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
+        x = self.embeddings(batch)
+        attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
+                               self.cfg.num_local_heads, self.cfg.head_dim, False, x.dtype, attention_backend)
+        for layer in self.layers:
+            x = layer(x, attn)
+        return x

@@ -1,0 +1,99 @@
+"""One decoder for Llama/Mistral, Qwen2 and Qwen3 embedding models; their differences are config:
+qkv bias (Qwen2), q/k RMSNorm and a free head_dim (Qwen3), causal or bidirectional attention
+(gte-Qwen2 sets `is_causal: false`). No lm_head is built: embedders read the last hidden state."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_embed.batch import Batch
+from tp_embed.config import ModelConfig
+from tp_embed.layers.attention import VarlenAttention
+from tp_embed.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                    VocabParallelEmbedding)
+from tp_embed.layers.norm import RMSNorm
+from tp_embed.layers.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+        cfg = self.cfg
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(num_tokens, cfg.num_local_heads, cfg.head_dim)  # [num_tokens, local_heads, head_dim]
+        k = k.view(num_tokens, cfg.num_local_kv_heads, cfg.head_dim)
+        v = v.view(num_tokens, cfg.num_local_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attn(q, k, v)  # [num_tokens, local_heads, head_dim]
+        return self.o_proj(o.reshape(num_tokens, cfg.q_size))
+
+
+class DecoderMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one column-parallel matmul."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"decoder MLP supports hidden_act 'silu', not {cfg.hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = DecoderAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = DecoderMLP(cfg)
+
+    def forward(self, x, cos, sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    # checkpoint name -> (parameter name, shard id) for the fused projections
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+    # checkpoint prefixes to strip (`model.` from *ForCausalLM) and tensors no embedder needs
+    strip_prefixes = ("model.",)
+    ignored_prefixes = ("lm_head.",)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size_padded, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        inv_freq, self.rope_scale = rope_inv_freq(cfg.hf_config, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank."""
+        x = self.embed_tokens(batch.input_ids)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype)
+        attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
+                               self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
+                               attention_backend)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
