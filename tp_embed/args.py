@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "flashinfer", "sdpa"],
                    help="attention kernels: FlashInfer on CUDA when installed and the head dim allows, "
                         "else PyTorch SDPA (default auto)")
+    g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                   help="safetensors: read the checkpoint; dummy: random weights of the model's shape "
+                        "(benchmarks; only config.json and the tokenizer are read)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the config and tokenizer code a checkpoint ships; the "
                         "forward pass is always tp-embed's own")

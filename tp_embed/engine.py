@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig, resolve_dtype
 from tp_embed.distributed import init_distributed
-from tp_embed.loader import load_weights
+from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
 from tp_embed.models import build_model
 from tp_embed.pooling import pool
@@ -114,7 +114,10 @@ class Engine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         t0 = time.perf_counter()
         self.model = build_model(self.config, self.dtype, self.device)
-        self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
+        if args.load_format == "dummy":
+            self.load_stats = init_dummy_weights(self.model)
+        else:
+            self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
         self.load_seconds = time.perf_counter() - t0
         self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
         self.max_batch_seqs = args.max_batch_seqs

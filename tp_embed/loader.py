@@ -9,6 +9,7 @@ import json
 import os
 from collections import defaultdict
 
+import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
@@ -107,3 +108,16 @@ def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -
         raise ConfigError(f"{model_dir}: the checkpoint lacks weights the model needs: {', '.join(missing[:8])}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     return stats
+
+
+def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> dict:
+    """Random weights of the right shapes (norm weights 1, biases 0) for benchmarks without a checkpoint."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.data.zero_()
+        elif param.ndim == 1:
+            param.data.fill_(1.0)
+        else:
+            param.data.copy_(torch.randn(param.shape, generator=gen) * std)
+    return {"bytes_read": 0}

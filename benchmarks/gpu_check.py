@@ -1,0 +1,274 @@
+"""One command for a lent GPU: correctness of the CUDA paths and speed against transformers.
+
+    python benchmarks/gpu_check.py --out results/gpu   # ~5-8 minutes on one H100/H200, no network
+
+Steps, each recorded even when a later one fails:
+  1. environment: GPU name, memory, clocks (NVML), torch / transformers / flashinfer versions (the
+     import check)
+  2. throughput: a measured bf16 8192^3 matmul peak, then engine tokens/s and model FLOP utilization
+     for a random model with e5-mistral-7b's shape (bf16) at 128-, 512- and 2048-token inputs and a
+     mixed-length batch, next to transformers' MistralModel (SDPA, padded batches) on the same GPU
+  3. the sharded CUDA path at tp = 2 on one GPU (gloo): offline embeddings vs tp = 1, float32 and bf16
+  4. FlashInfer vs SDPA on random packed batches (the GPU-marked tests of tests/test_attention.py)
+It writes gpu_check.json and gpu_check.md to --out.
+"""
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import bench_engine  # noqa: E402
+
+E5_MISTRAL_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+                        rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def write_tiny_tokenizer(path: str, vocab_size: int) -> None:
+    """A word-level tokenizer (the benchmarks feed token ids; the engine only needs one to exist)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, min(vocab_size, 1000))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", model_max_length=32768).save_pretrained(path)
+
+
+def write_shape_dir(path: str, shape: dict, architecture: str = "MistralModel") -> str:
+    from transformers import MistralConfig
+
+    os.makedirs(path, exist_ok=True)
+    cfg = MistralConfig(**shape)
+    cfg.architectures = [architecture]
+    cfg.save_pretrained(path)
+    write_tiny_tokenizer(path, shape["vocab_size"])
+    return path
+
+
+def step_environment() -> dict:
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0),
+            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2 ** 30}
+    try:
+        import flashinfer
+        info["flashinfer"] = flashinfer.__version__
+    except Exception as e:  # the import check: report, don't stop
+        info["flashinfer"] = f"import failed: {type(e).__name__}: {e}"
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        info["sm_clock_max_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
+        info["mem_clock_max_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception as e:
+        info["nvml"] = f"unavailable: {e}"
+    return info
+
+
+def step_flashinfer_tests() -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           os.path.join(ROOT, "tests", "test_attention.py")],
+                          capture_output=True, text=True, cwd=ROOT)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    return {"returncode": proc.returncode, "summary": tail, "output": proc.stdout[-3000:] + proc.stderr[-2000:]}
+
+
+def step_tp2_one_gpu(work: str) -> dict:
+    """Offline embeddings at tp = 2 (two processes on one GPU, gloo) against tp = 1."""
+    import numpy as np
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model_dir = os.path.join(work, "tiny-mistral")
+    torch.manual_seed(0)
+    shape = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1003, max_position_embeddings=4096)
+    model = MistralForCausalLM(MistralConfig(**shape))
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    model.save_pretrained(model_dir)
+    write_tiny_tokenizer(model_dir, 1003)
+    texts = os.path.join(work, "texts.txt")
+    with open(texts, "w") as f:
+        for i in range(24):
+            f.write(" ".join(f"w{(i * 7 + j) % 997 + 1}" for j in range(1 + (i * 37) % 300)) + "\n")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        outs = {}
+        for tp in (1, 2):
+            out = os.path.join(work, f"tp{tp}-{dtype}.npy")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+                   "-m", "tp_embed.offline", "--model-path", model_dir, "--tp", str(tp), "--device", "cuda",
+                   "--dist-backend", "gloo", "--dtype", dtype, "--input", texts, "--output", out]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+            if proc.returncode != 0:
+                results[f"{dtype}_tp{tp}_error"] = proc.stderr[-2000:]
+                break
+            outs[tp] = np.load(out)
+        if len(outs) == 2:
+            cos = (outs[1] * outs[2]).sum(1) / (np.linalg.norm(outs[1], axis=1) * np.linalg.norm(outs[2], axis=1))
+            results[f"{dtype}_min_cosine_tp2_vs_tp1"] = float(cos.min())
+    return results
+
+
+def transformers_tokens_per_s(shape: dict, seq_lens: list[int], batch_tokens: int, warmup: int, iters: int,
+                              mixed_lens: list[int]) -> list[dict]:
+    from transformers import MistralConfig, MistralModel
+
+    cfg = MistralConfig(**shape)
+    cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = MistralModel(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    device = torch.device("cuda")
+    points = []
+    gen = torch.Generator().manual_seed(0)
+
+    def run(ids, mask):
+        with torch.inference_mode():
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return h[:, -1]
+
+    for seq_len in seq_lens:
+        num_seqs = max(1, batch_tokens // seq_len)
+        ids = torch.randint(0, shape["vocab_size"], (num_seqs, seq_len), generator=gen).cuda()
+        mask = torch.ones_like(ids)
+        sec = bench_engine.time_forward(lambda: run(ids, mask), device, warmup, iters)
+        points.append({"seq_len": seq_len, "num_seqs": num_seqs, "tokens_per_s": num_seqs * seq_len / sec})
+    # mixed lengths: transformers pads every sequence to the longest (left padding for last-token pooling)
+    longest = max(mixed_lens)
+    ids = torch.zeros(len(mixed_lens), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(mixed_lens):
+        ids[i, longest - n:] = torch.randint(1, shape["vocab_size"], (n,), generator=gen)
+        mask[i, longest - n:] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    sec = bench_engine.time_forward(lambda: run(ids, mask), device, warmup, iters)
+    points.append({"seq_len": "mixed", "num_seqs": len(mixed_lens), "tokens_per_s": sum(mixed_lens) / sec})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return points
+
+
+def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: int, iters: int) -> dict:
+    from tp_embed.engine import Engine
+    from tp_embed.args import add_engine_args, parse_with_config
+
+    shape_dir = write_shape_dir(os.path.join(work, "e5-mistral-shape"), E5_MISTRAL_SHAPE)
+    peak = bench_engine.matmul_peak_tflops(torch.device("cuda"))
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = parse_with_config(p, ["--model-path", shape_dir, "--load-format", "dummy", "--dtype", "bfloat16",
+                                 "--device", "cuda", "--max-batch-tokens", str(batch_tokens),
+                                 "--max-batch-seqs", "4096"])
+    engine = Engine(args, show_progress=False)
+    ours = bench_engine.bench_points(engine, seq_lens, [batch_tokens], warmup, iters, peak)
+    gen = torch.Generator().manual_seed(1)
+    mixed_lens = []
+    while sum(mixed_lens) < batch_tokens - 1024:
+        mixed_lens.append(int(torch.randint(64, 1025, (1,), generator=gen)))
+    seqs = [torch.randint(0, 32000, (n,), generator=gen).tolist() for n in mixed_lens]
+    sec = bench_engine.time_forward(lambda: engine.forward_pooled(seqs), engine.device, warmup, iters)
+    ours.append({"seq_len": "mixed", "num_seqs": len(seqs), "tokens_per_s": sum(mixed_lens) / sec})
+    attention = "flashinfer" if engine.model.layers and _uses_flashinfer(engine) else "sdpa"
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    theirs = transformers_tokens_per_s(E5_MISTRAL_SHAPE, seq_lens, batch_tokens, warmup, iters, mixed_lens)
+    return {"matmul_peak_tflops": peak, "attention": attention, "ours": ours, "transformers": theirs,
+            "batch_tokens": batch_tokens, "mixed_lens": mixed_lens}
+
+
+def _uses_flashinfer(engine) -> bool:
+    from tp_embed.layers.attention import use_flashinfer
+    return use_flashinfer(engine.device, engine.config.head_dim, engine.dtype, engine.attention_backend)
+
+
+def markdown(result: dict) -> str:
+    env = result.get("environment", {})
+    lines = [f"GPU: {env.get('gpu')} ({env.get('gpu_memory_gib', 0):.0f} GiB), torch {env.get('torch')}, "
+             f"transformers {env.get('transformers')}, flashinfer {env.get('flashinfer')}", ""]
+    fi = result.get("flashinfer_tests")
+    if fi:
+        lines += [f"FlashInfer vs SDPA tests: {fi['summary']}", ""]
+    tp2 = result.get("tp2_one_gpu")
+    if tp2:
+        lines += ["tp=2 on one GPU (gloo) vs tp=1: " + ", ".join(f"{k} = {v:.6f}" if isinstance(v, float) else k
+                                                                for k, v in tp2.items()), ""]
+    thr = result.get("throughput")
+    if thr:
+        lines += [f"e5-mistral-7b shape, random bf16 weights, batch budget {thr['batch_tokens']} tokens; "
+                  f"measured bf16 matmul peak {thr['matmul_peak_tflops']:.0f} TFLOP/s; attention: {thr['attention']}",
+                  "", "| input tokens | tp-embed tokens/s | MFU | transformers tokens/s | ratio |",
+                  "|---:|---:|---:|---:|---:|"]
+        for ours, theirs in zip(thr["ours"], thr["transformers"]):
+            mfu = f"{100 * ours['mfu']:.1f}%" if "mfu" in ours else "n/a"
+            lines.append(f"| {ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {mfu} | "
+                         f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+    for key, value in result.items():
+        if key.endswith("_error"):
+            lines += ["", f"{key}: {value.splitlines()[-1] if value else value}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/gpu", help="directory for gpu_check.json and gpu_check.md")
+    p.add_argument("--seq-lens", type=bench_engine.int_list, default=[128, 512, 2048],
+                   help="input lengths for the throughput step (default 128,512,2048)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per batch (default 16384)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches per point (default 2)")
+    p.add_argument("--iters", type=int, default=5, help="timed batches per point (default 5)")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: flashinfer,tp2,throughput")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    result = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    work = tempfile.mkdtemp(prefix="gpu_check-")
+    # the throughput step first: it compiles the head-dim-128 kernels the later steps reuse
+    steps = [("environment", step_environment),
+             ("throughput", lambda: step_throughput(work, args.seq_lens, args.batch_tokens, args.warmup, args.iters)),
+             ("tp2_one_gpu", lambda: step_tp2_one_gpu(work)),
+             ("flashinfer_tests", step_flashinfer_tests)]
+    names = {"flashinfer_tests": "flashinfer", "tp2_one_gpu": "tp2", "throughput": "throughput"}
+    for name, fn in steps:
+        if names.get(name) in skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception:
+            result[f"{name}_error"] = traceback.format_exc()
+        result[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[gpu_check] {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    table = markdown(result)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
