@@ -1,0 +1,726 @@
+"""Load generator for any OpenAI-compatible ``POST /v1/embeddings`` server.
+
+Works against tp-embed and against peers (vLLM, Infinity, TEI): it only speaks
+the OpenAI embeddings wire format. For every point of a sweep over
+inputs-per-request x concurrency x request-rate it reports requests/s,
+inputs/s, tokens/s (from ``usage.prompt_tokens``), latency percentiles, errors
+by HTTP status / exception type and, with ``--check``, vectors whose cosine
+similarity to a reference falls below a threshold.
+
+Usage examples::
+
+    # Closed loop: 1 and 8 concurrent workers, 1 and 32 texts per request,
+    # 500 synthetic texts of 16..256 words, 200 timed requests per point.
+    python benchmarks/bench_serving.py --base-url http://127.0.0.1:8000 \\
+        --inputs-per-request 1,32 --concurrency 1,8 --num-requests 200 \\
+        --synthetic-min-words 16 --synthetic-max-words 256 --num-texts 500 \\
+        --output-json results/tp.json --plot results/tp.png --label tp-embed
+
+    # Open loop: Poisson arrivals at 50 and 100 requests/s for 30 s each,
+    # at most 64 requests in flight, base64 responses, against vLLM.
+    python benchmarks/bench_serving.py --base-url http://127.0.0.1:8001 \\
+        --model BAAI/bge-m3 --request-rate 50,100 --concurrency 64 \\
+        --duration 30 --encoding-format base64 \\
+        --extra-body '{"truncate_prompt_tokens": 256}' --label vllm
+
+    # Correctness: compare every returned vector with reference vectors
+    # (row i of REF.npy is the embedding of line i of texts.txt).
+    python benchmarks/bench_serving.py --dataset texts.txt --check ref.npy
+
+The machine description in the JSON result is that of the machine running this
+script; run it on the server machine (loopback) when the two must match.
+
+Other scripts can ``import bench_serving`` and call ``main([...])`` (returns the
+result dict) or ``await run_point(client, texts, ...)`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+EMBEDDINGS_PATH = "/v1/embeddings"
+DEFAULT_NUM_REQUESTS = 200
+DEFAULT_NUM_SYNTHETIC_TEXTS = 1000
+
+
+# ---------------------------------------------------------------------------
+# Inputs: texts and reference vectors
+# ---------------------------------------------------------------------------
+
+_ONSETS = ["", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t",
+           "v", "w", "br", "ch", "cl", "gr", "pl", "sh", "st", "th", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ee", "io", "ou"]
+_CODAS = ["", "", "", "d", "l", "m", "n", "r", "s", "t", "ck", "nd", "ng", "st"]
+
+
+def synthetic_texts(num_texts: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English texts, word count uniform in [min_words, max_words].
+
+    Words are made of English-like syllables so that subword tokenizers split
+    them roughly like real prose (random characters would tokenize far worse).
+    """
+    if not 1 <= min_words <= max_words:
+        raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
+    rng = random.Random(seed)
+
+    def word() -> str:
+        return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(rng.choice((1, 1, 2, 2, 3))))
+
+    # A fixed vocabulary, like real text, rather than a fresh word every time.
+    vocabulary = [word() for _ in range(4096)]
+    return [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(min_words, max_words)))
+            for _ in range(num_texts)]
+
+
+def load_dataset(path: str) -> list[str]:
+    """Texts from a file: one per line, or the "text" field of each line of a .jsonl.
+
+    Blank lines are skipped, so a reference file's row i is the i-th non-blank line.
+    """
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            texts.append(json.loads(line)["text"] if path.endswith(".jsonl") else line)
+    if not texts:
+        raise ValueError(f"{path}: no texts")
+    return texts
+
+
+# ---------------------------------------------------------------------------
+# Pure result arithmetic
+# ---------------------------------------------------------------------------
+
+class BadResponse(Exception):
+    """A 200 response whose body does not match the request; str(self) is a short reason."""
+
+
+def decode_embedding(embedding) -> np.ndarray:
+    """One OpenAI `embedding` field -> float32 vector.
+
+    A string is base64 of little-endian float32 (encoding_format=base64), a list
+    is floats. Decided by type, not by what was asked, so a server that ignores
+    encoding_format still decodes correctly.
+    """
+    if isinstance(embedding, str):
+        raw = base64.b64decode(embedding, validate=True)
+        if len(raw) % 4:
+            raise ValueError(f"base64 embedding of {len(raw)} bytes is not float32")
+        return np.frombuffer(raw, dtype="<f4")
+    return np.asarray(embedding, dtype=np.float32)
+
+
+def decode_response(payload: dict, num_inputs: int) -> np.ndarray:
+    """OpenAI embeddings response -> (num_inputs, dim) array, row i = input i.
+
+    Rows are placed by their `index` field (the contract), so the check is that
+    the indices are exactly 0..num_inputs-1, in whatever order they arrive.
+    """
+    try:
+        data = payload["data"]
+        indices = [item["index"] for item in data]
+        embeddings = [item["embedding"] for item in data]
+    except (KeyError, TypeError) as exc:
+        raise BadResponse("format") from exc
+    if len(data) != num_inputs:
+        raise BadResponse("count")
+    if sorted(indices) != list(range(num_inputs)):
+        raise BadResponse("index")
+    try:
+        vectors = [decode_embedding(e) for e in embeddings]
+    except (ValueError, TypeError) as exc:
+        raise BadResponse("decode") from exc
+    if len({v.shape for v in vectors}) != 1 or vectors[0].ndim != 1:
+        raise BadResponse("dimension")
+    ordered = np.empty((num_inputs, vectors[0].shape[0]), dtype=np.float32)
+    for index, vector in zip(indices, vectors):
+        ordered[index] = vector
+    return ordered
+
+
+def cosine_similarities(vectors: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity; a zero vector scores 0 (and so counts as a mismatch)."""
+    vectors = vectors.astype(np.float64)
+    references = references.astype(np.float64)
+    norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(references, axis=1)
+    dots = np.einsum("ij,ij->i", vectors, references)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def percentiles(values, qs=(50, 90, 99)) -> dict[int, float | None]:
+    """Linear-interpolated percentiles (numpy's default); None for no data."""
+    if len(values) == 0:
+        return {q: None for q in qs}
+    return {q: float(v) for q, v in zip(qs, np.percentile(np.asarray(values, dtype=np.float64), qs))}
+
+
+@dataclass
+class RequestRecord:
+    """Outcome of one timed request."""
+    start_s: float                  # send time, seconds since the point started
+    latency_s: float                # send -> full response body received
+    num_inputs: int
+    error: str | None = None        # None = ok; else HTTP status, exception type or "bad_response:why"
+    prompt_tokens: int | None = None  # usage.prompt_tokens, when the server reports it
+    checked: int = 0                # vectors compared with the reference
+    mismatches: int = 0             # of those, how many fell below the threshold
+    min_cosine: float | None = None
+
+
+def summarise(records: list[RequestRecord], wall_time: float) -> dict:
+    """Per-point metrics from per-request records and the point's wall time (s).
+
+    Throughput counts successful requests only; latency is over successful
+    requests only (an instant 500 should not make a server look fast).
+    """
+    ok = [r for r in records if r.error is None]
+    latencies_ms = [r.latency_s * 1000.0 for r in ok]
+    latency = percentiles(latencies_ms, (50, 90, 99))
+    usage = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    checked = sum(r.checked for r in records)
+    cosines = [r.min_cosine for r in records if r.min_cosine is not None]
+    per_second = (lambda n: n / wall_time) if wall_time > 0 else (lambda n: None)
+    return {
+        "num_requests": len(records),
+        "num_ok": len(ok),
+        "num_errors": len(records) - len(ok),
+        "errors": dict(sorted(Counter(r.error for r in records if r.error is not None).items())),
+        "wall_time_s": wall_time,
+        "requests_per_s": per_second(len(ok)),
+        "inputs_per_s": per_second(sum(r.num_inputs for r in ok)),
+        # None rather than 0 when the server reports no usage: unknown is not zero.
+        "tokens_per_s": per_second(sum(usage)) if usage else None,
+        "prompt_tokens": sum(usage) if usage else None,
+        "requests_without_usage": len(ok) - len(usage),
+        "latency_p50_ms": latency[50],
+        "latency_p90_ms": latency[90],
+        "latency_p99_ms": latency[99],
+        "latency_mean_ms": float(np.mean(latencies_ms)) if latencies_ms else None,
+        "checked_vectors": checked,
+        "mismatches": sum(r.mismatches for r in records) if checked else None,
+        "min_cosine": min(cosines) if cosines else None,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Load generation
+# ---------------------------------------------------------------------------
+
+def request_indices(request_number: int, inputs_per_request: int, num_texts: int) -> list[int]:
+    """Text indices for the n-th request: consecutive texts, wrapping around the dataset."""
+    first = request_number * inputs_per_request
+    return [(first + j) % num_texts for j in range(inputs_per_request)]
+
+
+async def send_request(client: httpx.AsyncClient, body: dict, indices: list[int],
+                       point_start: float, reference: np.ndarray | None = None,
+                       check_threshold: float = 0.9999) -> RequestRecord:
+    """POST one embeddings request and turn the outcome into a RequestRecord."""
+    sent = time.perf_counter()
+    record = RequestRecord(start_s=sent - point_start, latency_s=0.0, num_inputs=len(indices))
+    try:
+        response = await client.post(EMBEDDINGS_PATH, json=body)
+    except httpx.HTTPError as exc:
+        record.latency_s = time.perf_counter() - sent
+        record.error = type(exc).__name__
+        return record
+    record.latency_s = time.perf_counter() - sent
+    if response.status_code != 200:
+        record.error = str(response.status_code)
+        return record
+    try:
+        payload = response.json()
+        vectors = decode_response(payload, len(indices))
+    except ValueError:
+        record.error = "bad_response:json"
+        return record
+    except BadResponse as exc:
+        record.error = f"bad_response:{exc}"
+        return record
+    usage = payload.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        record.prompt_tokens = usage["prompt_tokens"]
+    if reference is not None:
+        expected = reference[indices]
+        # A shorter vector is what --dimensions (Matryoshka truncation) returns:
+        # compare with the reference's leading components, cosine ignores the norm.
+        if vectors.shape[1] > expected.shape[1]:
+            record.error = "bad_response:dimension"
+            return record
+        cosines = cosine_similarities(vectors, expected[:, :vectors.shape[1]])
+        record.checked = len(cosines)
+        record.mismatches = int(np.sum(cosines < check_threshold))
+        record.min_cosine = float(cosines.min())
+    return record
+
+
+async def run_point(client: httpx.AsyncClient, texts: list[str], *, model: str,
+                    inputs_per_request: int, concurrency: int, request_rate: float = math.inf,
+                    num_requests: int | None = None, duration: float | None = None,
+                    warmup_requests: int = 0, encoding_format: str = "float",
+                    dimensions: int | None = None, extra_body: dict | None = None,
+                    reference: np.ndarray | None = None, check_threshold: float = 0.9999,
+                    seed: int = 0, show_progress: bool = True) -> dict:
+    """Run one sweep point and return its configuration merged with summarise().
+
+    request_rate=inf: closed loop, `concurrency` workers each sending back to
+    back. Finite rate: Poisson arrivals at that many requests/s, with at most
+    `concurrency` in flight (later arrivals wait; latency is timed from send).
+    Stops after `num_requests` requests or after `duration` seconds of sending
+    (in-flight requests are then awaited), whichever is given.
+    `client` must have base_url set and a pool of at least `concurrency`.
+    """
+    if (num_requests is None) == (duration is None):
+        raise ValueError("give exactly one of num_requests and duration")
+    if reference is not None and len(reference) < len(texts):
+        raise ValueError(f"reference has {len(reference)} rows for {len(texts)} texts")
+
+    def body_for(indices: list[int]) -> dict:
+        body = {"model": model, "input": [texts[i] for i in indices],
+                "encoding_format": encoding_format}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        body.update(extra_body or {})
+        return body
+
+    # Warmup continues through the dataset so timed requests do not start with
+    # texts the server has just seen; its outcomes are not recorded.
+    warmup_counter = itertools.count()
+
+    async def warmup_worker() -> None:
+        while (n := next(warmup_counter)) < warmup_requests:
+            indices = request_indices(n, inputs_per_request, len(texts))
+            await send_request(client, body_for(indices), indices, time.perf_counter())
+
+    await asyncio.gather(*(warmup_worker() for _ in range(min(concurrency, warmup_requests))))
+
+    records: list[RequestRecord] = []
+    label = f"ipr={inputs_per_request} conc={concurrency} rate={request_rate:g}"
+    progress = tqdm(total=num_requests, desc=label, unit="req", disable=not show_progress,
+                    file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    deadline = start + duration if duration is not None else math.inf
+    counter = itertools.count(warmup_requests)
+    limit = warmup_requests + num_requests if num_requests is not None else math.inf
+
+    async def send_and_record(n: int) -> None:
+        indices = request_indices(n, inputs_per_request, len(texts))
+        records.append(await send_request(client, body_for(indices), indices, start,
+                                          reference, check_threshold))
+        progress.update(1)
+
+    async def closed_loop_worker() -> None:
+        while (n := next(counter)) < limit and time.perf_counter() < deadline:
+            await send_and_record(n)
+
+    async def open_loop() -> None:
+        # Gaps between arrivals come from a seeded generator, so every run of
+        # a point offers the server the same schedule.
+        arrivals = random.Random(seed)
+        in_flight = asyncio.Semaphore(concurrency)
+        tasks = []
+
+        async def limited(n: int) -> None:
+            async with in_flight:
+                await send_and_record(n)
+
+        next_arrival = start
+        while (n := next(counter)) < limit and next_arrival < deadline:
+            delay = next_arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(limited(n)))
+            next_arrival += arrivals.expovariate(request_rate)
+        await asyncio.gather(*tasks)
+
+    cpu_start = time.process_time()
+    try:
+        if math.isinf(request_rate):
+            await asyncio.gather(*(closed_loop_worker() for _ in range(concurrency)))
+        else:
+            await open_loop()
+    finally:
+        progress.close()
+    wall_time = time.perf_counter() - start
+    client_cpu = time.process_time() - cpu_start
+    return {
+        "inputs_per_request": inputs_per_request,
+        "concurrency": concurrency,
+        "request_rate": request_rate,
+        "encoding_format": encoding_format,
+        "dimensions": dimensions,
+        "warmup_requests": warmup_requests,
+        **summarise(records, wall_time),
+        # Near 100% means this Python client, not the server, limited throughput.
+        "client_cpu_percent": 100.0 * client_cpu / wall_time if wall_time > 0 else None,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Environment: machine and software under test
+# ---------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> dict:
+    """GPU name, memory and clocks via NVML; {"gpus": [], "nvml_error": ...} without NVML."""
+    try:
+        import pynvml  # from nvidia-ml-py; optional
+        pynvml.nvmlInit()
+    except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, ...
+        return {"gpus": [], "nvml_error": f"{type(exc).__name__}: {exc}"}
+
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            gpu = {"index": i, "name": text(pynvml.nvmlDeviceGetName(handle)),
+                   "memory_total_mib": pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20}
+            # Clock queries are unsupported on some parts (e.g. MIG slices): best effort each.
+            for key, query, clock in [
+                ("sm_clock_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
+                ("sm_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
+                ("mem_clock_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
+                ("mem_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM),
+            ]:
+                try:
+                    gpu[key] = query(handle, clock)
+                except pynvml.NVMLError:
+                    gpu[key] = None
+            gpus.append(gpu)
+        return {"gpus": gpus, "driver_version": text(pynvml.nvmlSystemGetDriverVersion())}
+    except Exception as exc:
+        return {"gpus": [], "nvml_error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def machine_info() -> dict:
+    """Description of the machine running this script, for the JSON result."""
+    return {
+        "hostname": platform.node(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_count_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        **gpu_info(),
+    }
+
+
+async def server_info(client: httpx.AsyncClient) -> dict:
+    """Whatever the server says about itself (best effort): /v1/models, /version, /info (TEI)."""
+    info = {}
+    for path in ("/v1/models", "/version", "/info"):
+        try:
+            response = await client.get(path)
+        except httpx.HTTPError as exc:
+            info[path] = {"error": type(exc).__name__}
+            continue
+        if response.status_code != 200:
+            info[path] = {"status": response.status_code}
+            continue
+        try:
+            info[path] = response.json()
+        except ValueError:
+            info[path] = response.text[:2000]
+    return info
+
+
+def first_model_id(models_response) -> str | None:
+    try:
+        return models_response["data"][0]["id"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+def json_safe(value):
+    """Make a result strict-JSON: inf -> "inf" (closed-loop rate), NaN -> None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def format_table(points: list[dict]) -> str:
+    columns = [  # (header, key, format)
+        ("ipr", "inputs_per_request", "{}"), ("conc", "concurrency", "{}"),
+        ("rate", "request_rate", "{:g}"), ("reqs", "num_requests", "{}"),
+        ("req/s", "requests_per_s", "{:.1f}"), ("inputs/s", "inputs_per_s", "{:.1f}"),
+        ("tok/s", "tokens_per_s", "{:.0f}"), ("p50ms", "latency_p50_ms", "{:.1f}"),
+        ("p90ms", "latency_p90_ms", "{:.1f}"), ("p99ms", "latency_p99_ms", "{:.1f}"),
+        ("mean_ms", "latency_mean_ms", "{:.1f}"), ("mism", "mismatches", "{}"),
+        ("min_cos", "min_cosine", "{:.6f}"), ("cli_cpu%", "client_cpu_percent", "{:.0f}"),
+    ]
+    rows = [[h for h, _, _ in columns] + ["errors"]]
+    for p in points:
+        row = ["-" if p[key] is None else fmt.format(p[key]) for _, key, fmt in columns]
+        row.append(",".join(f"{k}:{v}" for k, v in p["errors"].items()) or "0")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def plot_points(points: list[dict], path: str, title: str = "") -> None:
+    """PNG: inputs/s and p99 latency against concurrency, one line per inputs-per-request (and rate)."""
+    import matplotlib  # lazy: everything else works without matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, list[dict]] = {}
+    for p in points:
+        series.setdefault((p["inputs_per_request"], p["request_rate"]), []).append(p)
+    several_rates = len({rate for _, rate in series}) > 1
+    fig, (ax_throughput, ax_latency) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (ipr, rate), group in sorted(series.items()):
+        group.sort(key=lambda p: p["concurrency"])
+        x = [p["concurrency"] for p in group]
+        name = f"{ipr} inputs/req" + (f", {rate:g} req/s" if several_rates else "")
+        nan_if_none = lambda v: math.nan if v is None else v
+        ax_throughput.plot(x, [nan_if_none(p["inputs_per_s"]) for p in group], marker="o", label=name)
+        ax_latency.plot(x, [nan_if_none(p["latency_p99_ms"]) for p in group], marker="o", label=name)
+    concurrencies = sorted({p["concurrency"] for p in points})
+    for ax, ylabel in ((ax_throughput, "inputs/s"), (ax_latency, "p99 latency (ms)")):
+        if len(concurrencies) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def positive_int_list(text: str) -> list[int]:
+    """'1,8' -> [1, 8]; argparse type for sweep flags."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def rate_list(text: str) -> list[float]:
+    """'inf,50' -> [inf, 50.0]; argparse type for --request-rate."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers or inf, got {text!r}")
+    if any(not v > 0 for v in values):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"rates must be > 0, got {text!r}")
+    return values
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"truncate_prompt_tokens\": 256}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    server = parser.add_argument_group("server")
+    server.add_argument("--base-url", default="http://127.0.0.1:8000",
+                        help="server root; a trailing /v1 is accepted (default: %(default)s)")
+    server.add_argument("--model", help="model name sent in each request; default: first id of GET /v1/models")
+    server.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    server.add_argument("--label", default="", help="free text naming the software under test, stored in the JSON")
+    server.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds (default: %(default)s)")
+
+    data = parser.add_argument_group("texts")
+    data.add_argument("--dataset", help="file with one text per line, or .jsonl with a 'text' field; "
+                                        "default: synthetic texts")
+    data.add_argument("--num-texts", type=int, default=None,
+                      help=f"number of synthetic texts (default {DEFAULT_NUM_SYNTHETIC_TEXTS}); "
+                           "with --dataset, use only the first N")
+    data.add_argument("--synthetic-min-words", type=int, default=8, help="shortest synthetic text, words (default: %(default)s)")
+    data.add_argument("--synthetic-max-words", type=int, default=128, help="longest synthetic text, words (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=0, help="seed for synthetic texts and Poisson arrivals (default: %(default)s)")
+
+    load = parser.add_argument_group("load (list flags sweep: every combination is one point)")
+    load.add_argument("--inputs-per-request", type=positive_int_list, default="1",
+                      help="texts per request, comma-separated sweep, e.g. 1,32 (default: %(default)s)")
+    load.add_argument("--concurrency", type=positive_int_list, default="1",
+                      help="closed loop: number of workers; open loop: cap on requests in flight; "
+                           "comma-separated sweep, e.g. 1,8 (default: %(default)s)")
+    load.add_argument("--request-rate", type=rate_list, default="inf",
+                      help="requests/s with Poisson arrivals, comma-separated sweep; "
+                           "inf = closed loop (default: %(default)s)")
+    stop = load.add_mutually_exclusive_group()
+    stop.add_argument("--num-requests", type=int, help=f"timed requests per point (default {DEFAULT_NUM_REQUESTS})")
+    stop.add_argument("--duration", type=float, help="seconds of sending per point, instead of --num-requests")
+    load.add_argument("--warmup-requests", type=int, default=10, help="untimed requests before each point (default: %(default)s)")
+
+    request = parser.add_argument_group("request body")
+    request.add_argument("--encoding-format", choices=["float", "base64"], default="float",
+                         help="embedding encoding asked of the server (default: %(default)s)")
+    request.add_argument("--dimensions", type=int, help="'dimensions' field (Matryoshka truncation)")
+    request.add_argument("--extra-body", type=json_object, default="{}",
+                         help="JSON object merged into each request body, "
+                              "e.g. '{\"truncate_prompt_tokens\": 256}' for vLLM")
+
+    check = parser.add_argument_group("correctness")
+    check.add_argument("--check", metavar="REF.npy",
+                       help="reference vectors, row i = text i; every returned vector is compared by cosine")
+    check.add_argument("--check-threshold", type=float, default=0.9999,
+                       help="cosine below this counts as a mismatch (default: %(default)s)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-json", help="write machine, software, config and per-point results here")
+    output.add_argument("--plot", help="write a PNG of inputs/s and p99 latency against concurrency (needs matplotlib)")
+    output.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_texts", "num_requests", "dimensions", "synthetic_min_words"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.synthetic_max_words < args.synthetic_min_words:
+        parser.error("--synthetic-max-words must be >= --synthetic-min-words")
+    if args.duration is not None and not args.duration > 0:
+        parser.error("--duration must be > 0")
+    if args.warmup_requests < 0:
+        parser.error("--warmup-requests must be >= 0")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    if args.duration is None and args.num_requests is None:
+        args.num_requests = DEFAULT_NUM_REQUESTS
+    args.base_url = args.base_url.rstrip("/").removesuffix("/v1")
+    return args
+
+
+def load_texts(args: argparse.Namespace) -> list[str]:
+    if args.dataset:
+        return load_dataset(args.dataset)[:args.num_texts]  # [:None] keeps all
+    return synthetic_texts(args.num_texts or DEFAULT_NUM_SYNTHETIC_TEXTS,
+                           args.synthetic_min_words, args.synthetic_max_words, args.seed)
+
+
+def software_versions() -> dict:
+    return {"python": platform.python_version(), "httpx": httpx.__version__, "numpy": np.__version__}
+
+
+async def run_benchmark(args: argparse.Namespace, texts: list[str], reference: np.ndarray | None) -> dict:
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    max_concurrency = max(args.concurrency)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(
+        base_url=args.base_url, headers=headers, timeout=args.timeout,
+        limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        trust_env=False,  # a proxy from the environment would be benchmarked too
+    ) as client:
+        server = await server_info(client)
+        model = args.model or first_model_id(server.get("/v1/models"))
+        if model is None:
+            raise SystemExit(f"--model not given and GET {args.base_url}/v1/models named no model: "
+                             f"{server.get('/v1/models')}")
+        points = []
+        for inputs_per_request, concurrency, rate in itertools.product(
+                args.inputs_per_request, args.concurrency, args.request_rate):
+            points.append(await run_point(
+                client, texts, model=model, inputs_per_request=inputs_per_request,
+                concurrency=concurrency, request_rate=rate, num_requests=args.num_requests,
+                duration=args.duration, warmup_requests=args.warmup_requests,
+                encoding_format=args.encoding_format, dimensions=args.dimensions,
+                extra_body=args.extra_body, reference=reference,
+                check_threshold=args.check_threshold, seed=args.seed,
+                show_progress=not args.no_progress))
+    return {
+        "started_at": started_at,
+        "label": args.label,
+        "base_url": args.base_url,
+        "model": model,
+        "machine": machine_info(),
+        "software": {"client": software_versions(), "server": server},
+        "config": {k: v for k, v in vars(args).items() if k != "api_key"},
+        "num_texts": len(texts),
+        "points": points,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the sweep described by argv (sys.argv[1:] if None); print, save and return the results."""
+    args = parse_args(argv)
+    texts = load_texts(args)
+    reference = None
+    if args.check:
+        reference = np.load(args.check)
+        if reference.ndim != 2 or len(reference) < len(texts):
+            raise SystemExit(f"{args.check}: need a 2-D array with >= {len(texts)} rows, got {reference.shape}")
+    result = asyncio.run(run_benchmark(args, texts, reference))
+    print(format_table(result["points"]))
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(json_safe(result), f, indent=2, allow_nan=False)
+    if args.plot:
+        try:
+            plot_points(result["points"], args.plot, title=args.label or result["model"])
+        except ImportError:
+            print("--plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

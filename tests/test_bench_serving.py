@@ -1,0 +1,330 @@
+"""Tests for benchmarks/bench_serving.py: pure arithmetic, CLI parsing, and
+end-to-end runs against a fake OpenAI embeddings server on loopback."""
+
+import base64
+import hashlib
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# benchmarks/ is a folder of scripts, not a package: import the way its sibling
+# scripts (compare.py) do, by putting the folder on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_serving as bs  # noqa: E402
+
+DIM = 16
+MODEL = "fake-embed"
+
+
+# ---------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------
+
+def test_percentiles_on_known_data():
+    values = list(range(1, 101))  # 1..100
+    assert bs.percentiles(values) == pytest.approx({50: 50.5, 90: 90.1, 99: 99.01})
+    assert bs.percentiles([7.0]) == {50: 7.0, 90: 7.0, 99: 7.0}
+    assert bs.percentiles([]) == {50: None, 90: None, 99: None}
+
+
+def test_summarise_known_rates():
+    ok = [bs.RequestRecord(start_s=i * 0.1, latency_s=(i + 1) / 100, num_inputs=4, prompt_tokens=100)
+          for i in range(10)]  # latencies 10..100 ms
+    errors = [bs.RequestRecord(start_s=0.0, latency_s=0.001, num_inputs=4, error="500"),
+              bs.RequestRecord(start_s=0.0, latency_s=0.001, num_inputs=4, error="500"),
+              bs.RequestRecord(start_s=0.0, latency_s=0.002, num_inputs=4, error="ConnectError")]
+    s = bs.summarise(ok + errors, wall_time=2.0)
+    assert s["num_requests"] == 13 and s["num_ok"] == 10 and s["num_errors"] == 3
+    assert s["errors"] == {"500": 2, "ConnectError": 1}
+    assert s["requests_per_s"] == pytest.approx(5.0)
+    assert s["inputs_per_s"] == pytest.approx(20.0)
+    assert s["tokens_per_s"] == pytest.approx(500.0)
+    assert s["prompt_tokens"] == 1000
+    # Latency is over successful requests only.
+    assert s["latency_p50_ms"] == pytest.approx(55.0)
+    assert s["latency_p99_ms"] == pytest.approx(99.1)
+    assert s["latency_mean_ms"] == pytest.approx(55.0)
+    assert s["mismatches"] is None and s["min_cosine"] is None  # nothing checked
+
+
+def test_summarise_without_usage_and_with_checks():
+    records = [bs.RequestRecord(0.0, 0.01, 2, checked=2, mismatches=0, min_cosine=0.99999),
+               bs.RequestRecord(0.0, 0.02, 2, checked=2, mismatches=1, min_cosine=0.5)]
+    s = bs.summarise(records, wall_time=1.0)
+    assert s["tokens_per_s"] is None and s["requests_without_usage"] == 2
+    assert s["checked_vectors"] == 4 and s["mismatches"] == 1 and s["min_cosine"] == 0.5
+    empty = bs.summarise([], wall_time=0.0)
+    assert empty["requests_per_s"] is None and empty["latency_p50_ms"] is None
+
+
+def test_base64_decode_round_trip():
+    vector = np.random.default_rng(0).standard_normal(33).astype(np.float32)
+    encoded = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    np.testing.assert_array_equal(bs.decode_embedding(encoded), vector)
+    np.testing.assert_array_equal(bs.decode_embedding(vector.tolist()), vector)
+    with pytest.raises(ValueError):
+        bs.decode_embedding(base64.b64encode(b"\x00" * 6).decode())  # not whole float32s
+
+
+def test_decode_response_places_rows_by_index_and_rejects_bad_bodies():
+    payload = {"data": [{"index": 1, "embedding": [1.0, 1.0]}, {"index": 0, "embedding": [0.0, 0.0]}]}
+    np.testing.assert_array_equal(bs.decode_response(payload, 2), [[0, 0], [1, 1]])
+    with pytest.raises(bs.BadResponse, match="count"):
+        bs.decode_response(payload, 3)
+    with pytest.raises(bs.BadResponse, match="index"):
+        bs.decode_response({"data": [{"index": 0, "embedding": [0.0]}, {"index": 0, "embedding": [1.0]}]}, 2)
+    with pytest.raises(bs.BadResponse, match="dimension"):
+        bs.decode_response({"data": [{"index": 0, "embedding": [0.0]}, {"index": 1, "embedding": [1.0, 2.0]}]}, 2)
+    with pytest.raises(bs.BadResponse, match="format"):
+        bs.decode_response({"object": "error"}, 1)
+
+
+def test_cosine_similarities():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(bs.cosine_similarities(a, b), [1.0, -1.0, 0.0])
+
+
+def test_synthetic_texts_deterministic_and_within_bounds():
+    texts = bs.synthetic_texts(200, 3, 9, seed=7)
+    assert texts == bs.synthetic_texts(200, 3, 9, seed=7)
+    assert texts != bs.synthetic_texts(200, 3, 9, seed=8)
+    lengths = [len(t.split()) for t in texts]
+    assert min(lengths) == 3 and max(lengths) == 9  # bounds reached, never exceeded
+    assert all(t.replace(" ", "").isalpha() and t.islower() for t in texts)
+    with pytest.raises(ValueError):
+        bs.synthetic_texts(1, 5, 4)
+
+
+def test_request_indices_wrap_around():
+    assert bs.request_indices(0, 3, 7) == [0, 1, 2]
+    assert bs.request_indices(2, 3, 7) == [6, 0, 1]
+
+
+def test_load_dataset_lines_and_jsonl(tmp_path):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("first text\n\nsecond text\n", encoding="utf-8")
+    assert bs.load_dataset(str(lines)) == ["first text", "second text"]
+    jsonl = tmp_path / "texts.jsonl"
+    jsonl.write_text('{"text": "a b"}\n{"text": "c", "id": 2}\n', encoding="utf-8")
+    assert bs.load_dataset(str(jsonl)) == ["a b", "c"]
+
+
+def test_parse_sweeps():
+    args = bs.parse_args(["--inputs-per-request", "1,32", "--concurrency", "1,8",
+                          "--request-rate", "inf,50", "--base-url", "http://h:1/v1/"])
+    assert args.inputs_per_request == [1, 32]
+    assert args.concurrency == [1, 8]
+    assert args.request_rate == [math.inf, 50.0]
+    assert args.num_requests == bs.DEFAULT_NUM_REQUESTS and args.duration is None
+    assert args.base_url == "http://h:1"
+    assert bs.parse_args(["--duration", "5"]).num_requests is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "1,x"], "comma-separated integers"),
+    (["--concurrency", "0"], ">= 1"),
+    (["--request-rate", "-1"], "rates must be > 0"),
+    (["--extra-body", "[1]"], "JSON object"),
+    (["--extra-body", "{bad"], "not valid JSON"),
+    (["--encoding-format", "int8"], "invalid choice"),
+    (["--duration", "5", "--num-requests", "3"], "not allowed with"),
+    (["--synthetic-min-words", "10", "--synthetic-max-words", "5"], "--synthetic-max-words must be"),
+])
+def test_bad_arguments_give_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bs.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_machine_info_never_fails():
+    info = bs.machine_info()
+    assert info["cpu_count"] >= 1 and info["cpu_model"] and info["python"]
+    assert isinstance(info["gpus"], list)  # empty, with nvml_error, on machines without NVML
+
+
+def test_every_flag_has_help():
+    for action in bs.build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+# ---------------------------------------------------------------------------
+# Fake OpenAI-compatible embeddings server
+# ---------------------------------------------------------------------------
+
+def fake_vector(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def make_app(corrupt_texts=(), fail_texts=()):
+    """Deterministic vectors per text; wrong vectors for corrupt_texts, 500 for requests containing fail_texts."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.get("/version")
+    def version():
+        return {"version": "0.0-fake"}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await request.json()
+        if body.get("model") != MODEL:
+            return JSONResponse({"error": "unknown model"}, status_code=404)
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        if any(t in fail_texts for t in texts):
+            return JSONResponse({"error": "boom"}, status_code=500)
+        data = []
+        for i, text in enumerate(texts):
+            vector = -fake_vector(text) if text in corrupt_texts else fake_vector(text)
+            if body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+            else:
+                embedding = vector.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        data.reverse()  # indices, not positions, say which input a vector belongs to
+        tokens = sum(len(t.split()) for t in texts)
+        return {"object": "list", "model": MODEL, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return app
+
+
+class ServerThread:
+    """uvicorn on an ephemeral loopback port in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+        # Let uvicorn bind port 0 itself: a socket made here with proto=0 would
+        # make asyncio skip TCP_NODELAY, and Nagle + delayed ACK adds 40 ms per response.
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "fake server did not start"
+            assert self.thread.is_alive(), "fake server failed to start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    texts = bs.synthetic_texts(24, 2, 12, seed=3)
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    reference = np.stack([fake_vector(t) for t in texts])
+    np.save(tmp_path / "ref.npy", reference)
+    return texts, str(path), str(tmp_path / "ref.npy")
+
+
+def common_argv(base_url, dataset_path, tmp_path):
+    return ["--base-url", base_url, "--dataset", dataset_path, "--num-requests", "12",
+            "--warmup-requests", "2", "--no-progress", "--output-json", str(tmp_path / "out.json")]
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_end_to_end_sweep_with_check(encoding_format, dataset, tmp_path):
+    texts, dataset_path, ref_path = dataset
+    with ServerThread(make_app()) as base_url:
+        result = bs.main(common_argv(base_url, dataset_path, tmp_path) + [
+            "--inputs-per-request", "1,4", "--concurrency", "1,3", "--request-rate", "inf,400",
+            "--encoding-format", encoding_format, "--check", ref_path, "--label", "fake",
+            "--plot", str(tmp_path / "plot.png")])
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["model"] == MODEL  # taken from GET /v1/models
+    assert saved["software"]["server"]["/version"] == {"version": "0.0-fake"}
+    assert saved["machine"]["cpu_count"] >= 1 and "numpy" in saved["software"]["client"]
+    points = saved["points"]
+    assert len(points) == 2 * 2 * 2 == len(result["points"])
+    assert {p["request_rate"] for p in points} == {"inf", 400.0}
+    for p in points:
+        assert p["num_requests"] == 12 and p["num_errors"] == 0 and p["errors"] == {}
+        assert p["checked_vectors"] == 12 * p["inputs_per_request"]
+        assert p["mismatches"] == 0 and p["min_cosine"] > 0.9999
+        assert p["requests_per_s"] > 0 and p["tokens_per_s"] > 0
+        assert p["inputs_per_s"] == pytest.approx(p["requests_per_s"] * p["inputs_per_request"])
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_end_to_end_counts_mismatches(dataset, tmp_path):
+    texts, dataset_path, ref_path = dataset
+    with ServerThread(make_app(corrupt_texts={texts[5], texts[9]})) as base_url:
+        result = bs.main(common_argv(base_url, dataset_path, tmp_path) + [
+            "--model", MODEL, "--inputs-per-request", "4", "--concurrency", "2", "--check", ref_path])
+    (point,) = result["points"]
+    # 12 requests x 4 inputs = 48 inputs = each of the 24 texts twice (after 2 warmups, still 2 each).
+    assert point["num_errors"] == 0
+    assert point["mismatches"] == 4
+    assert point["min_cosine"] == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_end_to_end_counts_errors_by_status(dataset, tmp_path):
+    texts, dataset_path, _ = dataset
+    with ServerThread(make_app(fail_texts={texts[0], texts[1]})) as base_url:
+        result = bs.main(common_argv(base_url, dataset_path, tmp_path) + [
+            "--model", MODEL, "--num-requests", "24", "--concurrency", "4"])
+    (point,) = result["points"]
+    # Requests 2..25 (after 2 warmups) with one text each cover text 0 and 1 once each.
+    assert point["errors"] == {"500": 2}
+    assert point["num_ok"] == 22 and point["num_requests"] == 24
+    assert point["inputs_per_s"] == pytest.approx(point["num_ok"] / point["wall_time_s"])
+
+
+def test_connection_errors_counted_by_exception_type(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = bs.main(["--base-url", f"http://127.0.0.1:{port}", "--model", MODEL, "--num-texts", "5",
+                      "--num-requests", "3", "--warmup-requests", "0", "--no-progress"])
+    (point,) = result["points"]
+    assert point["errors"] == {"ConnectError": 3} and point["requests_per_s"] == 0
+
+
+def test_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = bs.main(["--base-url", f"http://127.0.0.1:{port}", "--model", MODEL, "--num-texts", "5",
+                      "--num-requests", "1", "--warmup-requests", "0", "--no-progress",
+                      "--plot", str(tmp_path / "plot.png")])
+    assert len(result["points"]) == 1
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "plot.png").exists()
+
+
+def test_duration_mode_stops(dataset, tmp_path):
+    _, dataset_path, _ = dataset
+    with ServerThread(make_app()) as base_url:
+        start = time.monotonic()
+        result = bs.main(["--base-url", base_url, "--dataset", dataset_path, "--duration", "0.3",
+                          "--concurrency", "2", "--warmup-requests", "0", "--no-progress"])
+        assert time.monotonic() - start < 5
+    (point,) = result["points"]
+    assert point["num_requests"] > 0 and point["num_errors"] == 0
+    assert point["wall_time_s"] == pytest.approx(0.3, abs=0.2)
