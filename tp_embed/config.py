@@ -159,7 +159,7 @@ class ModelConfig:
                 raise ConfigError(
                     f"tp={tp_size} does not fit num_key_value_heads={num_kv_heads} of {name}; "
                     f"use tp in {{{', '.join(map(str, valid))}}}")
-            causal = raw.get("is_causal", getattr(hf, "is_causal", True))
+            causal = (overrides or {}).get("is_causal", raw.get("is_causal", getattr(hf, "is_causal", True)))
             if causal is None:
                 causal = True
             model_type = hf.model_type

@@ -79,8 +79,11 @@ def init_distributed(tp: int, device: str | None = None, backend: str | None = N
 
 
 def destroy_distributed() -> None:
+    """Tear the process group down together: a rank that leaves while a peer still talks to it can
+    abort the peer's gloo threads, so every rank meets at a barrier first."""
     global _STATE
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _STATE = ParallelState(0, 1, 0, 0, 1, None, _STATE.device, "none")
 

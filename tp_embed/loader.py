@@ -53,10 +53,11 @@ def param_name(model: nn.Module, key: str) -> tuple[str, object] | None:
 
 
 class _CountingSlice:
-    """A safetensors slice that adds the bytes of every read to a counter (tests assert on it)."""
+    """A safetensors slice that counts the bytes of every read and the largest fraction of each
+    checkpoint tensor read at once (tests assert that sharded tensors are never read whole)."""
 
-    def __init__(self, inner, stats: dict):
-        self.inner, self.stats = inner, stats
+    def __init__(self, inner, stats: dict, name: str):
+        self.inner, self.stats, self.name = inner, stats, name
 
     def get_shape(self):
         return self.inner.get_shape()
@@ -64,11 +65,17 @@ class _CountingSlice:
     def __getitem__(self, index):
         t = self.inner[index]
         self.stats["bytes_read"] += t.numel() * t.element_size()
+        full = 1
+        for n in self.inner.get_shape():
+            full *= n
+        self.stats["largest_read_fraction"][self.name] = max(
+            self.stats["largest_read_fraction"].get(self.name, 0.0), t.numel() / full)
         return t
 
 
 def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -> dict:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`; returns {"bytes_read": n}."""
+    """Fill every parameter of `model` from the checkpoint in `model_dir`; returns read statistics
+    {"bytes_read": n, "largest_read_fraction": {param name: fraction}}."""
     params = dict(model.named_parameters())
     expected = defaultdict(set)
     for name in params:
@@ -79,7 +86,7 @@ def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -
                 if f".{param_part}." in f".{name}":
                     expected[name] = expected[name] - {None} | {shard_id}
     loaded = defaultdict(set)
-    stats = {"bytes_read": 0}
+    stats = {"bytes_read": 0, "largest_read_fraction": {}}
     files = checkpoint_files(model_dir)
     with tqdm(total=len(files), desc="loading weights", unit="file", disable=not show_progress) as bar:
         for path in files:
@@ -95,7 +102,7 @@ def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -
                         raise ConfigError(f"{model_dir}: checkpoint tensor {key!r} matches no parameter "
                                           f"of {type(model).__name__} (mapped to {name!r})")
                     param = params[name]
-                    view = _CountingSlice(f.get_slice(key), stats)
+                    view = _CountingSlice(f.get_slice(key), stats, name)
                     if shard_id is None:
                         param.weight_loader(param, view)
                     else:
@@ -120,4 +127,4 @@ def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> di
             param.data.fill_(1.0)
         else:
             param.data.copy_(torch.randn(param.shape, generator=gen) * std)
-    return {"bytes_read": 0}
+    return {"bytes_read": 0, "largest_read_fraction": {}}

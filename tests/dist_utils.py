@@ -1,0 +1,36 @@
+"""Helpers for tests that run tp-embed under torchrun on CPU (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def embed_models(tp: int, out_dir: str, texts: list[str], models: list[dict]) -> None:
+    """Run tests/embed_models.py under torchrun at `tp`; raises with the job's stderr on failure."""
+    os.makedirs(out_dir, exist_ok=True)
+    spec = os.path.join(out_dir, "spec.json")
+    with open(spec, "w") as f:
+        json.dump({"tp": tp, "out_dir": out_dir, "texts": texts, "models": models}, f)
+    proc = run(torchrun_cmd(tp, os.path.join(ROOT, "tests", "embed_models.py"), spec))
+    if proc.returncode != 0:
+        raise AssertionError(f"embed_models at tp={tp} failed:\n{proc.stderr[-4000:]}")
+
+
+def cosines(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

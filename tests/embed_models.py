@@ -1,0 +1,61 @@
+"""Run under torchrun by the model tests: embed a list of texts with several models in one job.
+
+    torchrun --nproc-per-node N tests/embed_models.py SPEC.json
+
+SPEC: {"tp": N, "out_dir": DIR, "texts": [...], "models": [{"name": ..., "flags": [...], "alone": bool}]}.
+Rank 0 writes DIR/NAME.npy (the texts in one call, packed into mixed batches), DIR/NAME.alone.npy (each
+text in a batch of its own) when asked; every rank writes DIR/NAME.rank{R}.json with its parameter bytes
+and what the loader read. One job for all models saves starting torch once per model.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.distributed import destroy_distributed
+from tp_embed.engine import Engine
+from tp_embed.pooling import truncate_and_normalize
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    out_dir, texts = spec["out_dir"], spec["texts"]
+    for model in spec["models"]:
+        p = argparse.ArgumentParser()
+        add_engine_args(p)
+        p.add_argument("--truncate", action="store_true")
+        p.add_argument("--prompt-name", default=None)
+        p.add_argument("--dimensions", type=int, default=None)
+        args = parse_with_config(p, ["--tp", str(spec["tp"])] + model["flags"])
+        engine = Engine(args, show_progress=False)
+        name = os.path.join(out_dir, model["name"])
+        layer_bytes = sum(t.numel() * t.element_size() for n, t in engine.model.named_parameters() if ".layers." in f".{n}")
+        total_bytes = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+        with open(f"{name}.rank{engine.dist.tp_rank}.json", "w") as f:
+            json.dump({"layer_param_bytes": layer_bytes, "param_bytes": total_bytes, **engine.load_stats}, f)
+        if not engine.is_driver:
+            engine.worker_loop()
+            continue
+        prompt = engine.text.prompt(args.prompt_name)
+        seqs = engine.text.encode(texts, truncate=args.truncate or args.allow_auto_truncate, prompt=prompt)
+
+        def finish(vectors: torch.Tensor) -> np.ndarray:
+            return truncate_and_normalize(vectors, args.dimensions, engine.normalize).numpy()
+
+        np.save(f"{name}.npy", finish(engine.embed(seqs)))
+        if model.get("alone"):
+            np.save(f"{name}.alone.npy", finish(torch.cat([engine.forward_pooled([s]) for s in seqs])))
+        with open(f"{name}.tokens.json", "w") as f:
+            json.dump([len(s) for s in seqs], f)
+        engine.stop_workers()
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
