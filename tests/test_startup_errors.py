@@ -1,0 +1,156 @@
+"""Startup problems the user can fix are reported in words, naming what to change."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny_models as tm
+from dist_utils import run, torchrun_cmd
+from tp_embed.config import ConfigError, ModelConfig
+from tp_embed.layers.attention import use_flashinfer
+from tp_embed.pooling import MatryoshkaError, check_dimensions
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    return tm.make_mistral(str(tmp_path_factory.mktemp("m") / "mistral"))
+
+
+def test_tp_that_does_not_divide_heads_names_valid_values(mistral):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_pretrained(mistral, tp_size=3, name="tiny-mistral")
+    assert str(e.value) == ("tp=3 does not divide num_attention_heads=8 of tiny-mistral; use tp in {1, 2, 4, 8}")
+
+
+def test_tp_that_does_not_fit_kv_heads(tmp_path):
+    path = tm.make_mistral(str(tmp_path / "m"), num_attention_heads=12, num_key_value_heads=4, hidden_size=96)
+    with pytest.raises(ConfigError, match=r"tp=6 does not fit num_key_value_heads=4 of m; use tp in \{1, 2, 4, 12\}"):
+        ModelConfig.from_pretrained(path, tp_size=6, name="m")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, mistral):
+    cfg = json.load(open(os.path.join(mistral, "config.json")))
+    cfg["architectures"] = ["MistralForSequenceClassification"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_pretrained(str(tmp_path), name="x")
+    msg = str(e.value)
+    assert "unsupported architecture ['MistralForSequenceClassification']" in msg
+    for arch in ("MistralModel", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "BertModel", "XLMRobertaModel"):
+        assert arch in msg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        ModelConfig.from_pretrained(str(tmp_path))
+
+
+def test_missing_weight_is_named(tmp_path, mistral):
+    import shutil
+    path = str(tmp_path / "broken")
+    shutil.copytree(mistral, path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", path, "--input", __file__,
+                            "--output", str(tmp_path / "x.npy")))
+    assert proc.returncode != 0
+    assert "the checkpoint lacks weights the model needs: layers.1.mlp.down_proj.weight" in proc.stderr
+
+
+def test_no_weights_at_all(tmp_path, mistral):
+    import shutil
+    path = str(tmp_path / "noweights")
+    shutil.copytree(mistral, path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    from tp_embed.loader import checkpoint_files
+    with pytest.raises(ConfigError, match="holds no .safetensors weights"):
+        checkpoint_files(path)
+
+
+def test_missing_model_directory_offline():
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", "/nonexistent/model", "--input", "x",
+                            "--output", "y.npy"))
+    assert proc.returncode != 0
+    assert "--model-path /nonexistent/model: no such directory" in proc.stderr
+
+
+def test_hub_id_offline_is_a_clear_error():
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", "no-such-org/no-such-model",
+                            "--input", "x", "--output", "y.npy"))
+    assert proc.returncode != 0
+    assert "not a local directory, and downloading it from the Hugging Face Hub failed" in proc.stderr
+
+
+def test_tp_must_match_process_count(mistral, tmp_path):
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--tp", "2",
+                            "--input", "x", "--output", "y.npy"))
+    assert proc.returncode != 0
+    assert "--tp 2 needs exactly 2 processes, but torchrun started 1" in proc.stderr
+
+
+def test_tp_error_at_startup_under_torchrun(mistral, tmp_path):
+    proc = run(torchrun_cmd(3, "-m", "tp_embed.offline", "--model-path", mistral, "--tp", "3",
+                            "--input", "x", "--output", "y.npy"))
+    assert proc.returncode != 0
+    assert "tp=3 does not divide num_attention_heads=8" in proc.stderr
+
+
+@pytest.mark.parametrize("dims,hidden,listed,is_m,message", [
+    (0, 64, None, True, "dimensions must be between 1 and 64, got 0"),
+    (65, 64, None, True, "dimensions must be between 1 and 64, got 65"),
+    (24, 64, [16, 32], False, "dimensions 24 is not supported by this model; supported: [16, 32]"),
+    (16, 64, None, False, "this model does not support Matryoshka dimensions"),
+    ("16", 64, None, True, "dimensions must be an integer, got '16'"),
+])
+def test_invalid_matryoshka_dimensions(dims, hidden, listed, is_m, message):
+    with pytest.raises(MatryoshkaError) as e:
+        check_dimensions(dims, hidden, listed, is_m)
+    assert message in str(e.value)
+
+
+def test_valid_matryoshka_dimensions():
+    check_dimensions(None, 64, None, False)
+    check_dimensions(64, 64, None, False)
+    check_dimensions(1, 64, None, True)
+    check_dimensions(32, 64, [16, 32], False)
+
+
+def test_offline_rejects_bad_dimensions(mistral, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--input", str(texts),
+                            "--output", str(tmp_path / "o.npy"), "--dimensions", "24",
+                            "--json-model-override-args", '{"matryoshka_dimensions": [16, 32]}'))
+    assert proc.returncode != 0
+    assert "dimensions 24 is not supported by this model; supported: [16, 32]" in proc.stderr
+
+
+def test_offline_input_too_long_names_both_numbers(mistral, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("short\n" + tm.LONG_TEXT + "\n")
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--input", str(texts),
+                            "--output", str(tmp_path / "o.npy")))
+    assert proc.returncode != 0
+    assert "input 1 has" in proc.stderr and f"context length of {tm.MAX_SEQ_LENGTH} tokens" in proc.stderr
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--input", str(texts),
+                            "--output", str(tmp_path / "o.npy"), "--allow-auto-truncate"))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_flashinfer_is_not_used_for_head_dim_32():
+    # all-MiniLM-L6-v2 has head_dim 32: SDPA on CUDA instead of failing
+    assert not use_flashinfer(torch.device("cuda"), 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim in"):
+        use_flashinfer(torch.device("cuda"), 32, torch.bfloat16, backend="flashinfer")
+
+
+def test_preset_with_unknown_setting_is_rejected(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text('{"model-path": "x", "no-such-flag": 1}')
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--config", str(preset), "--input", "x", "--output", "y"))
+    assert proc.returncode != 0
+    assert "unknown settings ['no-such-flag']" in proc.stderr
