@@ -1,0 +1,51 @@
+"""Every preset in configs/ parses as flags, and its stated tp choices are the ones the engine accepts."""
+
+import argparse
+import glob
+import json
+import os
+
+import pytest
+
+from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.config import ConfigError, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
+
+
+def test_presets_exist():
+    names = {os.path.basename(p)[:-5] for p in PRESETS}
+    assert {"e5-mistral-7b-instruct", "gte-Qwen2-7B-instruct", "Qwen3-Embedding-0.6B", "Qwen3-Embedding-4B",
+            "Qwen3-Embedding-8B", "bge-large-en-v1.5", "bge-m3", "all-MiniLM-L6-v2"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: os.path.basename(p))
+def test_preset_parses(path):
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = parse_with_config(p, ["--config", path])
+    assert args.pooling in ("last", "mean", "cls")
+    assert args.normalize is True
+    preset = json.load(open(path))
+    assert args.model_path == preset["model-path"]
+    # the command line wins over the preset
+    assert parse_with_config(p, ["--config", path, "--pooling", "mean"]).pooling == "mean"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: os.path.basename(p))
+def test_preset_tp_choices_match_the_engine(path, tmp_path):
+    preset = json.load(open(path))
+    heads, kv_heads = preset["_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["MistralModel"], "model_type": "mistral", "hidden_size": heads * 8,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 1,
+        "intermediate_size": 16, "vocab_size": 100}))
+    accepted = []
+    for tp in range(1, 9):
+        try:
+            ModelConfig.from_pretrained(str(tmp_path), tp_size=tp)
+            accepted.append(tp)
+        except ConfigError:
+            pass
+    assert preset["_tp_choices"] == accepted
