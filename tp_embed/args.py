@@ -73,6 +73,37 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="logging verbosity (default info)")
 
 
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve other machines)")
+    g.add_argument("--port", type=int, default=30000,
+                   help="port to listen on (default 30000; 0 picks a free one and logs it)")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: --model-path, or "
+                        f"{DEFAULT_MODEL_NAME} for the embedded default)")
+    g.add_argument("--api-key", default=os.environ.get("TP_EMBED_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $TP_EMBED_API_KEY; none = no authentication)")
+    g.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, metavar="BYTES",
+                   help="largest request body accepted; larger ones get 413 (default 64 MiB)")
+    g.add_argument("--max-queued-tokens", type=int, default=None, metavar="TOKENS",
+                   help="tokens admitted and not yet embedded above which new requests get 429 with "
+                        "Retry-After (default 64 x --max-batch-tokens); a request is always admitted "
+                        "into an empty queue")
+    g.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request not answered within this time gets 504 and its remaining inputs are "
+                        "dropped from the queue (default 600)")
+    g.add_argument("--shutdown-timeout", type=float, default=25.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long to finish queued and in-flight requests before "
+                        "failing them with 503 (default 25, inside torchrun's 30 s grace period)")
+    g.add_argument("--tokenizer-workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="threads that parse and tokenize requests, each with its own tokenizer copy "
+                        "(default: min(4, CPU cores))")
+    g.add_argument("--access-log", action="store_true",
+                   help="log every HTTP request (off by default: it costs latency)")
+
+
 def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse twice: once to find --config, then with the preset's values as defaults."""
     first, _ = p.parse_known_args(argv)
@@ -106,4 +137,12 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         p.error("--max-batch-tokens must be at least 1")
     if args.max_batch_seqs < 1:
         p.error("--max-batch-seqs must be at least 1")
+    for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("request_timeout", "shutdown_timeout"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
     return args
