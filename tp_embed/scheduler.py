@@ -1,0 +1,259 @@
+"""The engine thread: the one thread on rank 0 that issues collectives, and the queue that feeds it.
+
+HTTP handlers `submit` tokenized requests (`Job`s). The engine thread packs the inputs of the waiting jobs,
+in arrival order, into one ragged batch of at most `max_batch_tokens` tokens and `max_batch_seqs` inputs
+(a job larger than one batch is split over several and reassembled by index), runs it through every
+rank with `engine.forward_pooled`, and hands each finished job its pooled float32 rows [n, hidden] through
+`deliver` (once per batch, for every job that batch finished). Handlers tokenize the next requests while a
+batch runs, so tokenization overlaps the forward pass.
+
+Idle, the thread sends a heartbeat every `heartbeat_interval` seconds so that no worker waits in a
+broadcast past the collective timeout. An exception in the thread means the ranks are out of step (a
+worker died, a collective timed out): every job fails with EngineDeadError and `on_fatal` is called; the
+process must exit, since the process group cannot be trusted again.
+"""
+
+import collections
+import logging
+import math
+import threading
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("tp_embed")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an error; nothing more can be computed."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is stopping and admits no new work."""
+
+
+class QueueFullError(RuntimeError):
+    def __init__(self, queued_tokens: int, request_tokens: int, limit: int, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"the server is busy: {queued_tokens} tokens are queued and this request adds "
+                         f"{request_tokens}, over the limit of {limit} (--max-queued-tokens); retry after "
+                         f"{retry_after} s")
+
+
+class Job:
+    """One request's token sequences on their way through the queue.
+
+    `outputs` is float32 [len(sequences), hidden] once `error` is None and the job is delivered.
+    `future` belongs to the caller (the HTTP handler's asyncio future); the scheduler never touches it.
+    """
+
+    __slots__ = ("sequences", "num_tokens", "next_seq", "num_done", "outputs", "error", "cancelled",
+                 "released", "future")
+
+    def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None):
+        self.sequences = sequences
+        self.num_tokens = num_tokens if num_tokens is not None else sum(map(len, sequences))
+        self.next_seq = 0  # first sequence not yet put into a batch
+        self.num_done = 0
+        self.outputs: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.released = False  # its tokens no longer count against max_queued_tokens
+        self.future = future
+
+
+class Scheduler:
+    def __init__(self, build_engine: Callable[[], object], deliver: Callable[[list[Job]], None],
+                 on_ready: Callable[[object], None], on_fatal: Callable[[BaseException], None],
+                 max_queued_tokens: int | None = None, heartbeat_interval: float = 5.0, metrics=None):
+        """build_engine runs on the engine thread (it initialises the process group and loads the shard);
+        deliver, on_ready and on_fatal are called from the engine thread and must be thread-safe."""
+        self.build_engine, self.deliver, self.on_ready, self.on_fatal = build_engine, deliver, on_ready, on_fatal
+        self.max_queued_tokens = max_queued_tokens
+        self.heartbeat_interval = heartbeat_interval
+        self.metrics = metrics
+        self.engine = None
+        self.ready = False
+        self.dead = False
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: set[Job] = set()  # admitted, neither finished nor failed
+        self._queued_tokens = 0
+        self._stopping = False
+        self._tokens_per_s = 0.0  # moving average, for Retry-After
+        self._thread = threading.Thread(target=self._run, name="tp-embed-engine", daemon=True)
+
+    # ---- called from other threads ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises QueueFullError, ShuttingDownError or EngineDeadError instead."""
+        with self._cond:
+            if self.dead:
+                raise EngineDeadError("the engine has stopped after an error")
+            if self._stopping or not self.ready:
+                raise ShuttingDownError("the server is not accepting requests")
+            limit = self.max_queued_tokens
+            if limit is not None and self._queued_tokens and self._queued_tokens + job.num_tokens > limit:
+                raise QueueFullError(self._queued_tokens, job.num_tokens, limit, self._retry_after())
+            self._queued_tokens += job.num_tokens
+            self._waiting.append(job)
+            self._active.add(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job whose client is gone or whose time ran out; inputs not yet computed never will be."""
+        with self._cond:
+            if job in self._active:
+                job.cancelled = True
+                self._active.discard(job)
+                self._release(job)
+
+    def stop(self) -> None:
+        """Finish what is queued, send STOP to the workers and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every queued and in-flight job (a batch already running still runs, its result unused)."""
+        with self._cond:
+            jobs = self._fail_locked(error)
+        if jobs:
+            self.deliver(jobs)
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs admitted with inputs still to be put into a batch."""
+        return len(self._waiting)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        try:
+            self.engine = self.build_engine()
+        except BaseException as e:  # a startup error: nothing was admitted yet
+            self.dead = True
+            self.on_fatal(e)
+            return
+        with self._cond:
+            self.ready = not self._stopping
+        self.on_ready(self.engine)
+        try:
+            self._loop()
+            self.engine.stop_workers()
+        except BaseException as e:
+            logger.exception("engine thread failed; failing every request and exiting")
+            with self._cond:
+                self.dead = True
+                jobs = self._fail_locked(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
+            if jobs:
+                self.deliver(jobs)
+            self.on_fatal(e)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        last_collective = time.monotonic()
+        while True:
+            with self._cond:
+                if not self._waiting and not self._stopping:
+                    self._cond.wait(self.heartbeat_interval)
+                if self._stopping and not self._waiting:
+                    return
+                batch = self._pack(engine.max_batch_tokens, engine.max_batch_seqs)
+            if not batch:
+                if time.monotonic() - last_collective >= self.heartbeat_interval:
+                    engine.heartbeat()
+                    last_collective = time.monotonic()
+                continue
+            sequences = [s for job, start, end in batch for s in job.sequences[start:end]]
+            num_tokens = sum(map(len, sequences))
+            t0 = time.perf_counter()
+            pooled = engine.forward_pooled(sequences)
+            seconds = time.perf_counter() - t0
+            last_collective = time.monotonic()
+            rate = num_tokens / max(seconds, 1e-6)
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * rate if self._tokens_per_s else rate
+            if self.metrics is not None:
+                self.metrics.observe_batch(len(batch), len(sequences), num_tokens, seconds)
+            finished, row = [], 0
+            for job, start, end in batch:
+                rows = pooled[row:row + end - start]
+                row += end - start
+                if start == 0 and end == len(job.sequences):
+                    job.outputs = rows  # the whole job in this batch: a view, no copy
+                else:
+                    if job.outputs is None:
+                        job.outputs = torch.empty(len(job.sequences), pooled.shape[1], dtype=pooled.dtype)
+                    job.outputs[start:end] = rows
+                job.num_done += end - start
+                if job.num_done == len(job.sequences):
+                    finished.append(job)
+            with self._cond:
+                finished = [job for job in finished if job in self._active]  # not cancelled meanwhile
+                for job in finished:
+                    self._active.discard(job)
+                    self._release(job)
+            if finished:
+                self.deliver(finished)
+
+    def _pack(self, max_batch_tokens: int, max_batch_seqs: int) -> list[tuple[Job, int, int]]:
+        """Take (job, start, end) slices from the head of the queue until the batch is full. An input
+        longer than the token budget gets a batch of its own. Called with the lock held."""
+        batch, num_tokens, num_seqs = [], 0, 0
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            sequences, start = job.sequences, job.next_seq
+            end = start
+            while end < len(sequences):
+                n = len(sequences[end])
+                if num_seqs and (num_tokens + n > max_batch_tokens or num_seqs == max_batch_seqs):
+                    break
+                num_tokens += n
+                num_seqs += 1
+                end += 1
+            if end > start:
+                batch.append((job, start, end))
+                job.next_seq = end
+            if end < len(sequences):
+                break  # the batch is full; the rest of this job goes into the next one
+            self._waiting.popleft()
+        return batch
+
+    def _release(self, job: Job) -> None:
+        if not job.released:
+            job.released = True
+            self._queued_tokens -= job.num_tokens
+
+    def _fail_locked(self, error: BaseException) -> list[Job]:
+        jobs = list(self._active)
+        for job in jobs:
+            job.error = error
+            self._release(job)
+        self._active.clear()
+        self._waiting.clear()
+        return jobs
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained, from the measured throughput."""
+        if self._tokens_per_s <= 0:
+            return 1
+        return max(1, min(60, math.ceil(self._queued_tokens / self._tokens_per_s)))
