@@ -1,0 +1,481 @@
+"""Rank 0's HTTP server: the OpenAI embeddings API on FastAPI/uvicorn, in front of the engine thread.
+
+    handler (event loop)    auth, readiness, read the body (size limit)
+    tokenizer pool          parse JSON, validate, tokenize (one tokenizer copy per thread)
+    handler                 admit into the scheduler (429 over --max-queued-tokens), await the result,
+                            or the client's disconnect, or --request-timeout
+    engine thread           packs, broadcasts, runs the shard, pools (tp_embed/scheduler.py)
+    handler                 Matryoshka truncation, normalization, serialization (the pool for big ones)
+
+The event loop never computes, and only the engine thread issues collectives. SIGTERM/SIGINT drain:
+admission stops with 503, queued and in-flight requests finish (up to --shutdown-timeout), the workers
+get STOP, and the process exits 0. An engine failure fails every request with 503 and exits non-zero.
+"""
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tp_embed.config import ConfigError
+from tp_embed.engine import Engine, InputTooLongError
+from tp_embed.metrics import Metrics
+from tp_embed.openai_protocol import (APIError, EmbeddingRequest, TokenizeRequest, check_encoding_format,
+                                      check_token_ids, parse_input, parse_json_body, render_embeddings)
+from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
+from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
+
+logger = logging.getLogger("tp_embed")
+
+ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/metrics", "/tokenize")
+# responses with more floats than this are serialized in the pool instead of on the event loop (~1 ms)
+INLINE_RENDER_FLOATS = 16384
+
+
+@dataclass(slots=True)
+class PreparedEmbedding:
+    sequences: list[list[int]]
+    num_tokens: int
+    dimensions: int | None
+    normalize: bool
+    encoding_format: str
+
+
+class EmbeddingServer:
+    def __init__(self, args, metrics: Metrics):
+        self.args = args
+        self.metrics = metrics
+        self.state = "loading"  # -> ready -> draining, or -> failed; changed on the event loop only
+        self.exit_code = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.uvicorn: uvicorn.Server | None = None
+        self.engine = None
+        self.pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._shutdown_started = False
+        self.created = int(time.time())
+        self.scheduler = Scheduler(self._build_engine, self._deliver, self._on_ready, self._on_fatal,
+                                   heartbeat_interval=min(5.0, args.dist_timeout / 4), metrics=metrics)
+        metrics.watch_scheduler(self.scheduler)
+
+    # ---- engine thread callbacks ----
+
+    def _build_engine(self) -> Engine:
+        engine = Engine(self.args)
+        engine.warmup()
+        engine.forward_pooled([[0] * 4])  # the single-sequence attention path too
+        self.served_model_name = self.args.served_model_name or engine.model_name
+        self.scheduler.max_queued_tokens = self.args.max_queued_tokens or 64 * engine.max_batch_tokens
+        if engine.device.type == "cuda":
+            self.metrics.watch_gpus(min(engine.dist.tp_size, torch.cuda.device_count()))
+        self.engine = engine
+        n = self.args.tokenizer_workers
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="tp-embed-tokenizer", initializer=self._init_thread)
+        barrier = threading.Barrier(n)  # start every thread now, so no request waits for a tokenizer copy
+        for f in [self.pool.submit(barrier.wait) for _ in range(n)]:
+            f.result()
+        return engine
+
+    def _init_thread(self) -> None:
+        # transformers' fast tokenizers change their truncation state on each call, which races between
+        # threads ("Already borrowed"): every pool thread owns a copy.
+        text = copy.copy(self.engine.text)
+        text.tokenizer = copy.deepcopy(self.engine.text.tokenizer)
+        self._local.text = text
+
+    def _call_in_loop(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is already closed: nobody is waiting any more
+            pass
+
+    def _deliver(self, jobs: list[Job]) -> None:
+        self._call_in_loop(_resolve_futures, jobs)
+
+    def _on_ready(self, engine: Engine) -> None:
+        self._call_in_loop(self._set_ready)
+
+    def _on_fatal(self, error: BaseException) -> None:
+        self._call_in_loop(self._fail, error)
+
+    # ---- state, on the event loop ----
+
+    def _set_ready(self) -> None:
+        if self.state != "loading":
+            return
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        e = self.engine
+        logger.info("ready: %s as %r, tp=%d, %s, hidden %d, pooling %s, normalize %s, context length %d, "
+                    "max batch %d tokens / %d inputs, max queued tokens %d", e.model_name,
+                    self.served_model_name, e.dist.tp_size, e.dtype, e.hidden_size, e.pooling, e.normalize,
+                    e.text.max_length, e.max_batch_tokens, e.max_batch_seqs, self.scheduler.max_queued_tokens)
+
+    def _fail(self, error: BaseException) -> None:
+        if isinstance(error, (ConfigError, SystemExit)):
+            logger.error("%s", error)
+            self.exit_code = 2
+        else:
+            logger.error("engine failed (%s: %s); exiting", type(error).__name__, error)
+            self.exit_code = 1
+        self.state = "failed"
+        self.metrics.ready.set(0)
+        self.uvicorn.should_exit = True
+
+    def begin_shutdown(self, signum: int) -> None:
+        if self._shutdown_started:
+            logger.info("signal %d: already shutting down (at most --shutdown-timeout %.0f s)", signum,
+                        self.args.shutdown_timeout)
+            return
+        self._shutdown_started = True
+        logger.info("signal %d: draining %d requests, then stopping", signum, self.scheduler.num_active)
+        if self.state in ("loading", "ready"):
+            self.state = "draining"
+        self.metrics.ready.set(0)
+        asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = self.loop.time() + self.args.shutdown_timeout
+        while self.scheduler.num_active and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.scheduler.num_active:
+            logger.warning("--shutdown-timeout %.0f s passed: failing %d unfinished requests",
+                           self.args.shutdown_timeout, self.scheduler.num_active)
+            self.scheduler.fail_all(ShuttingDownError("the server shut down before this request finished"))
+        self.uvicorn.should_exit = True
+
+    async def stop_engine(self) -> None:
+        """After uvicorn has stopped: STOP the workers (from the engine thread) and wait for it."""
+        self.scheduler.stop()
+        if not await asyncio.to_thread(self.scheduler.join, self.args.shutdown_timeout):
+            logger.error("the engine thread did not stop within %.0f s", self.args.shutdown_timeout)
+            self.exit_code = self.exit_code or 1
+        if self.scheduler.dead and not self.exit_code:
+            self.exit_code = 1
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- request helpers ----
+
+    def authorize(self, request: Request) -> None:
+        key = self.args.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "no API key provided: send it as 'Authorization: Bearer YOUR_KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check_ready(self) -> None:
+        if self.state != "ready":
+            message = {"loading": "the model is still loading; retry when GET /health answers 200",
+                       "draining": "the server is shutting down and accepts no new requests",
+                       "failed": "the engine failed and the server is exiting"}[self.state]
+            raise APIError(503, message, code="server_not_ready")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{self.served_model_name}'", param="model", code="model_not_found")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.args.max_request_bytes
+        length = request.headers.get("content-length")
+        too_large = f"the request body is larger than this server's limit of {limit} bytes (--max-request-bytes)"
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, too_large, code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, too_large, code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def prepare_embeddings(self, body: bytes) -> PreparedEmbedding:
+        """Tokenizer pool: everything that can reject a request, so that nothing after it can."""
+        t0 = time.perf_counter()
+        req = parse_json_body(body, EmbeddingRequest)
+        self.check_model(req.model)
+        check_encoding_format(req.encoding_format)
+        engine = self.engine
+        try:
+            check_dimensions(req.dimensions, engine.hidden_size, engine.matryoshka_dimensions, engine.is_matryoshka)
+        except MatryoshkaError as e:
+            raise APIError(400, str(e), param="dimensions") from None
+        truncate = req.truncate if req.truncate is not None else self.args.allow_auto_truncate
+        texts, sequences = parse_input(req.input)
+        text = self._local.text
+        try:
+            if texts is not None:
+                try:
+                    prompt = text.prompt(req.prompt_name)
+                except KeyError as e:
+                    raise APIError(400, e.args[0], param="prompt_name") from None
+                sequences = text.encode(texts, truncate, prompt)
+                for i, ids in enumerate(sequences):
+                    if not ids:
+                        raise APIError(400, f"input[{i}] has no tokens after tokenization", param="input")
+            else:
+                if req.prompt_name is not None:
+                    raise APIError(400, "prompt_name applies to text inputs; token-id inputs must already "
+                                        "hold the prompt's tokens", param="prompt_name")
+                check_token_ids(sequences, engine.config.vocab_size, nested=isinstance(req.input[0], list))
+                limit = text.max_length
+                if truncate:
+                    sequences = [ids if len(ids) <= limit else ids[:limit] for ids in sequences]
+                else:
+                    text.check_lengths(sequences)
+        except InputTooLongError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
+        normalize = req.normalize if req.normalize is not None else engine.normalize
+        return PreparedEmbedding(sequences, sum(map(len, sequences)), req.dimensions, normalize,
+                                 req.encoding_format)
+
+    async def wait_for(self, job: Job, request: Request, deadline: float) -> None:
+        """Until the job's result, the client's disconnect or the deadline; the last two drop the job."""
+        disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+        try:
+            await asyncio.wait((job.future, disconnected), timeout=deadline - self.loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+        if job.future.done():
+            return
+        self.scheduler.cancel(job)
+        if disconnected.done() and not disconnected.cancelled():
+            self.metrics.cancelled.labels("client_disconnected").inc()
+            raise ClientDisconnected()
+        self.metrics.cancelled.labels("timeout").inc()
+        raise APIError(504, f"the request did not finish within {self.args.request_timeout:g} s "
+                            f"(--request-timeout)", code="timeout")
+
+    # ---- routes ----
+
+    async def create_embeddings(self, request: Request):
+        start = time.perf_counter()
+        self.authorize(request)
+        self.check_ready()
+        loop = self.loop
+        deadline = loop.time() + self.args.request_timeout
+        body = await self.read_body(request)
+        prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
+        job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
+        try:
+            self.scheduler.submit(job)
+        except QueueFullError as e:
+            raise APIError(429, str(e), code="rate_limit_exceeded",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDownError:
+            self.check_ready()
+            raise APIError(503, "the server is not accepting requests", code="server_not_ready") from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="engine_failed") from None
+        queued = time.perf_counter()
+        try:
+            await self.wait_for(job, request, deadline)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        if job.error is not None:
+            code = "engine_failed" if isinstance(job.error, EngineDeadError) else "server_not_ready"
+            raise APIError(503, str(job.error), code=code)
+        self.metrics.queue_latency.observe(time.perf_counter() - queued)
+        vectors = truncate_and_normalize(job.outputs, prepared.dimensions, prepared.normalize).numpy()
+        args = (vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens)
+        if vectors.size > INLINE_RENDER_FLOATS:
+            content = await loop.run_in_executor(self.pool, render_embeddings, *args)
+        else:
+            content = render_embeddings(*args)
+        self.metrics.inputs.inc(len(job.sequences))
+        self.metrics.prompt_tokens.inc(prepared.num_tokens)
+        self.metrics.request_latency.observe(time.perf_counter() - start)
+        return Response(content, media_type="application/json")
+
+    def prepare_tokenize(self, body: bytes) -> dict:
+        req = parse_json_body(body, TokenizeRequest)
+        self.check_model(req.model)
+        single = isinstance(req.prompt, str)
+        texts = [req.prompt] if single else req.prompt
+        if not texts:
+            raise APIError(400, "prompt must not be an empty list", param="prompt")
+        text = self._local.text
+        ids = text.tokenizer(texts, add_special_tokens=req.add_special_tokens, truncation=False)["input_ids"]
+        return {"tokens": ids[0] if single else ids, "count": len(ids[0]) if single else [len(x) for x in ids],
+                "max_model_len": text.max_length}
+
+    async def tokenize(self, request: Request):
+        self.authorize(request)
+        self.check_ready()
+        body = await self.read_body(request)
+        return json_response(await self.loop.run_in_executor(self.pool, self.prepare_tokenize, body))
+
+    def model_card(self) -> dict:
+        return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "tp-embed",
+                "root": self.engine.model_name, "max_model_len": self.engine.text.max_length}
+
+    async def list_models(self, request: Request):
+        self.authorize(request)
+        self.check_ready()
+        return json_response({"object": "list", "data": [self.model_card()]})
+
+    async def retrieve_model(self, request: Request, model: str):
+        self.authorize(request)
+        self.check_ready()
+        self.check_model(model)
+        return json_response(self.model_card())
+
+    async def health(self, request: Request):
+        status = {"ready": "ok", "draining": "shutting_down"}.get(self.state, self.state)
+        return json_response({"status": status}, 200 if self.state == "ready" else 503)
+
+    async def metrics_endpoint(self, request: Request):
+        self.authorize(request)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def _resolve_futures(jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_result(None)
+
+
+async def _wait_for_disconnect(receive) -> None:
+    # The body has been read, so the next ASGI message is the disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def json_response(obj, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+def error_response(error: APIError, metrics: Metrics) -> Response:
+    metrics.errors.labels(str(error.status), error.code or "none").inc()
+    return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+
+
+class MetricsMiddleware:
+    """Counts every response by route and status (plain ASGI: a few microseconds per request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = scope["path"]
+            route = path if path in ROUTES else "/v1/models" if path.startswith("/v1/models/") else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+def build_app(server: EmbeddingServer) -> FastAPI:
+    # no /docs or /openapi.json: every route but /health sits behind --api-key
+    app = FastAPI(title="tp-embed", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/v1/embeddings", server.create_embeddings, methods=["POST"])
+    app.add_api_route("/v1/models", server.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", server.retrieve_model, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
+    metrics = server.metrics
+
+    async def on_api_error(request: Request, error: APIError):
+        return error_response(error, metrics)
+
+    async def on_http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            message = f"invalid URL ({request.method} {request.url.path})"
+        elif error.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(error.detail)
+        return error_response(APIError(error.status_code, message), metrics)
+
+    async def on_unexpected_error(request: Request, error: Exception):
+        logger.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal server error ({type(error).__name__})",
+                                       code="internal_error"), metrics)
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+class UvicornServer(uvicorn.Server):
+    """uvicorn stops at once on a signal and re-raises it at exit (status 128+n); tp-embed drains first,
+    stops the workers and exits 0."""
+
+    def __init__(self, config: uvicorn.Config, server: EmbeddingServer):
+        super().__init__(config)
+        self.embedding_server = server
+
+    def handle_exit(self, sig, frame) -> None:
+        # runs in the main thread, which is the event loop's: schedule, don't act here
+        self.embedding_server.loop.call_soon_threadsafe(self.embedding_server.begin_shutdown, sig)
+
+
+def serve(args) -> int:
+    """Rank 0: listen at once (so /health can say 503 while the shard loads), build the engine on the
+    engine thread, serve until a signal or an engine failure. Returns the exit status."""
+    metrics = Metrics()
+    server = EmbeddingServer(args, metrics)
+    config = uvicorn.Config(build_app(server), log_level=args.log_level, access_log=args.access_log,
+                            lifespan="off", timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+        # Nagle holds the body behind the headers for the client's delayed ACK (40 ms a request).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+        return 2
+    host, port = sock.getsockname()[:2]
+    logger.info("listening on http://%s:%d (rank 0, pid %d); loading the model", host, port, os.getpid())
+    userver = UvicornServer(config, server)
+
+    async def main() -> None:
+        server.loop = asyncio.get_running_loop()
+        server.uvicorn = userver
+        server.scheduler.start()
+        await userver.serve(sockets=[sock])
+        await server.stop_engine()
+
+    asyncio.run(main())
+    return server.exit_code
