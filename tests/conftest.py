@@ -1,0 +1,23 @@
+"""Shared fixtures: the models the server tests start servers on (helpers live in tests/server_utils.py)."""
+
+import os
+import sys
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # tests/ helpers and launch.py import as plain modules
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> str:
+    """A random MistralForCausalLM (hidden 64, 8 heads, 2 KV heads so tp=2 splits them, 2 layers) with
+    sentence-transformers files: last-token pooling, Normalize, a "query" prompt."""
+    from tiny_models import make_mistral
+    return make_mistral(str(tmp_path_factory.mktemp("tiny-mistral")), num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    from tp_embed.model_path import default_model_dir
+    return default_model_dir()

@@ -1,0 +1,41 @@
+"""launch.py's command line: every flag documented, SGLang's names accepted, presets loaded."""
+
+import os
+
+import pytest
+
+import launch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_flag_has_help_text():
+    for action in launch.build_parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_sglang_flag_names_parse():
+    from tp_embed.args import parse_with_config
+    args = parse_with_config(launch.build_parser(), [
+        "--model-path", "m", "--tp", "2", "--host", "0.0.0.0", "--port", "8000", "--dtype", "bfloat16",
+        "--served-model-name", "e5", "--api-key", "k", "--json-model-override-args", '{"is_matryoshka": true}',
+        "--allow-auto-truncate", "--chat-template", "t", "--is-embedding"])
+    assert (args.tp, args.host, args.port, args.served_model_name, args.api_key) == (2, "0.0.0.0", 8000, "e5", "k")
+    assert args.model_overrides == {"is_matryoshka": True} and args.allow_auto_truncate
+    assert parse_with_config(launch.build_parser(), ["--tp-size", "4"]).tp == 4
+
+
+def test_a_preset_sets_defaults_and_flags_override_it():
+    from tp_embed.args import parse_with_config
+    preset = os.path.join(REPO, "configs", "e5-mistral-7b-instruct.json")
+    args = parse_with_config(launch.build_parser(), ["--config", preset, "--context-length", "512"])
+    assert (args.model_path, args.pooling, args.context_length) == ("intfloat/e5-mistral-7b-instruct", "last", 512)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-queued-tokens", "0"), ("--request-timeout", "0"),
+                                         ("--shutdown-timeout", "-1"), ("--tokenizer-workers", "0")])
+def test_bad_server_limits_are_rejected(flag, value, capsys):
+    from tp_embed.args import parse_with_config
+    with pytest.raises(SystemExit):
+        parse_with_config(launch.build_parser(), [flag, value])
+    assert flag in capsys.readouterr().err
