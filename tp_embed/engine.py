@@ -20,7 +20,7 @@ from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig
 from tp_embed.distributed import init_distributed
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
-from tp_embed.models import build_model
+from tp_embed.models import build_model, build_processor
 from tp_embed.pooling import pool
 from tp_embed.protocol import Cmd, recv, send_batch, send_command
 
@@ -131,19 +131,30 @@ class Engine:
         self.is_matryoshka = bool(getattr(hf, "is_matryoshka", False))
         self.text = (TextProcessor(self.model_dir, self.config, self.st, args.context_length,
                                    args.trust_remote_code) if self.is_driver else None)
+        # multimodal families bring a processor for images (None: text only)
+        self.processor = build_processor(self) if self.is_driver else None
 
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
-    @torch.inference_mode()
     def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Rank 0: one packed batch through every rank's shard -> pooled float32 [n, hidden] on CPU."""
-        batch = Batch.from_token_ids(sequences)
+        """Rank 0: one packed batch of token sequences -> pooled float32 [n, hidden] on CPU."""
+        return self.forward_batch(Batch.from_token_ids(sequences))
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: Batch) -> torch.Tensor:
+        """Rank 0: send `batch` (built on the CPU) to the workers, run this rank's shard, and pool.
+
+        Models that pool themselves (CLIP's towers end in their own pooling and projection) return
+        one vector per item; the others return hidden states that `pool` reduces per sequence.
+        """
         send_batch(batch)
         batch = batch.to(self.device)
-        hidden = self.model(batch, self.attention_backend)
-        return pool(hidden, batch.cu_seqlens, self.pooling).cpu()
+        out = self.model(batch, self.attention_backend)
+        if getattr(self.model, "pools_itself", False):
+            return out.float().cpu()
+        return pool(out, batch.cu_seqlens, self.pooling).cpu()
 
     def embed(self, sequences: list[list[int]]) -> torch.Tensor:
         """Rank 0: pooled float32 [n, hidden] for any number of sequences, in their order.
@@ -157,6 +168,17 @@ class Engine:
             idx = [order[j] for j in group]
             out[idx] = self.forward_pooled([sequences[i] for i in idx])
         return out
+
+    def embed_items(self, items: list) -> torch.Tensor:
+        """Rank 0: one float32 vector per multimodal Item (text, image or both), in order.
+
+        The model family's processor (built by `build_processor`) turns items into packed batches:
+        it tokenizes, renders prompts, preprocesses images and lays out positions, then calls
+        `forward_batch` for each batch.
+        """
+        if self.processor is None:
+            raise ValueError(f"{self.model_name} takes text only")
+        return self.processor.embed(self, items)
 
     def warmup(self) -> None:
         if self.is_driver:

@@ -1,9 +1,12 @@
-"""What rank 0 sends the workers: a fixed-size int64 header, then one int32 payload tensor.
+"""What rank 0 sends the workers: a fixed-size int64 header, one int32 payload, and for batches with
+images one float32 pixel tensor.
 
-    header  = [cmd, num_tokens, num_seqs, max_seqlen, 0, 0, 0, 0]        int64 [8]
-    payload = input_ids [T] | positions [T] | cu_seqlens [B+1]             int32 [2T + B + 1]
+    header  = [cmd, num_tokens T, num_seqs B, max_seqlen, position_rows P, num_images I,
+               pixel_rows R, pixel_row_len C]                                         int64 [8]
+    payload = input_ids [T] | positions [P*T] | cu_seqlens [B+1] | image_grid_thw [I*3]  int32
+    pixels  = pixel_values [R, C]                                 float32, only when R > 0
 
-No pickling: both are plain tensors broadcast over the tensor-parallel group. Everything is validated on
+No pickling: all are plain tensors broadcast over the tensor-parallel group. Everything is validated on
 rank 0 before anything is sent, so a bad request never reaches a worker.
 """
 
@@ -30,11 +33,17 @@ def send_command(cmd: Cmd) -> None:
 
 
 def send_batch(batch: Batch) -> None:
-    header = torch.tensor([Cmd.FORWARD, batch.num_tokens, batch.num_seqs, batch.max_seqlen, 0, 0, 0, 0],
-                          dtype=torch.int64, device=comm_device())
+    position_rows = 1 if batch.positions.dim() == 1 else batch.positions.shape[0]
+    pixel_rows, pixel_row_len = (0, 0) if batch.pixel_values is None else batch.pixel_values.shape
+    header = torch.tensor([Cmd.FORWARD, batch.num_tokens, batch.num_seqs, batch.max_seqlen, position_rows,
+                           batch.num_images, pixel_rows, pixel_row_len], dtype=torch.int64, device=comm_device())
     broadcast(header)
-    payload = torch.cat([batch.input_ids, batch.positions, batch.cu_seqlens]).to(torch.int32)
-    broadcast(payload.to(comm_device()))
+    parts = [batch.input_ids, batch.positions.reshape(-1), batch.cu_seqlens]
+    if batch.num_images:
+        parts.append(batch.image_grid_thw.reshape(-1))
+    broadcast(torch.cat([p.to(torch.int32) for p in parts]).to(comm_device()))
+    if pixel_rows:
+        broadcast(batch.pixel_values.to(comm_device(), torch.float32).contiguous())
 
 
 def recv() -> tuple[Cmd, Batch | None]:
@@ -43,7 +52,14 @@ def recv() -> tuple[Cmd, Batch | None]:
     cmd = Cmd(header[0])
     if cmd != Cmd.FORWARD:
         return cmd, None
-    num_tokens, num_seqs, max_seqlen = header[1:4]
-    payload = broadcast(torch.empty(2 * num_tokens + num_seqs + 1, dtype=torch.int32, device=comm_device()))
-    input_ids, positions, cu_seqlens = payload.split([num_tokens, num_tokens, num_seqs + 1])
-    return cmd, Batch(input_ids, positions, cu_seqlens, max_seqlen)
+    num_tokens, num_seqs, max_seqlen, position_rows, num_images, pixel_rows, pixel_row_len = header[1:]
+    sizes = [num_tokens, position_rows * num_tokens, num_seqs + 1, 3 * num_images]
+    payload = broadcast(torch.empty(sum(sizes), dtype=torch.int32, device=comm_device()))
+    input_ids, positions, cu_seqlens, grid = payload.split(sizes)
+    if position_rows > 1:
+        positions = positions.view(position_rows, num_tokens)
+    pixels = None
+    if pixel_rows:
+        pixels = broadcast(torch.empty(pixel_rows, pixel_row_len, dtype=torch.float32, device=comm_device()))
+    return cmd, Batch(input_ids, positions, cu_seqlens, max_seqlen, pixels,
+                      grid.view(num_images, 3) if num_images else None)

@@ -13,6 +13,12 @@ def build_model(config: ModelConfig, dtype, device):
     return model.eval()
 
 
+def build_processor(engine):
+    """Rank 0's multimodal input processor for the model family, or None for text-only families.
+    A processor has `embed(engine, items) -> float32 [len(items), dim]`."""
+    return None
+
+
 class torch_default:
     """Build parameters directly at their shard shape, dtype and device (no float32 CPU detour)."""
 
