@@ -130,7 +130,9 @@ class EmbeddingServer:
             logger.error("%s", error)
             self.exit_code = 2
         else:
-            logger.error("engine failed (%s: %s); exiting", type(error).__name__, error)
+            # a failure while loading has not been logged yet (the engine thread logs later ones)
+            logger.error("engine failed (%s: %s); exiting", type(error).__name__, error,
+                         exc_info=error if self.state == "loading" else None)
             self.exit_code = 1
         self.state = "failed"
         self.metrics.ready.set(0)
