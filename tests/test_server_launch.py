@@ -39,3 +39,31 @@ def test_bad_server_limits_are_rejected(flag, value, capsys):
     with pytest.raises(SystemExit):
         parse_with_config(launch.build_parser(), [flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_a_loading_server_answers_503_and_still_serves_metrics():
+    """The HTTP app before the engine thread has built the engine (it is never started here)."""
+    import asyncio
+
+    import httpx
+
+    from tp_embed.args import parse_with_config
+    from tp_embed.metrics import Metrics
+    from tp_embed.server import EmbeddingServer, build_app
+
+    server = EmbeddingServer(parse_with_config(launch.build_parser(), ["--api-key", "k"]), Metrics())
+
+    async def main():
+        server.loop = asyncio.get_running_loop()
+        transport = httpx.ASGITransport(app=build_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     headers={"Authorization": "Bearer k"}) as c:
+            return (await c.get("/health"), await c.post("/v1/embeddings", json={"input": "a"}),
+                    await c.get("/v1/models"), await c.get("/metrics"))
+
+    health, embeddings, models, metrics = asyncio.run(main())
+    assert (health.status_code, health.json()) == (503, {"status": "loading"})
+    for r in (embeddings, models):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_not_ready"
+        assert "loading" in r.json()["error"]["message"]
+    assert metrics.status_code == 200 and "tp_embed_ready 0.0" in metrics.text
