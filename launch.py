@@ -58,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logger.info("rank %d of %d: pid %d", rank, world_size, os.getpid())
-    if args.chat_template:
-        logger.warning("--chat-template is accepted for SGLang compatibility and not applied; use "
-                       "prompt_name or put the template in the input text")
     if rank != 0:
         return run_worker(args)
     from tp_embed.distributed import destroy_distributed
