@@ -19,10 +19,26 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     return ROPE_INIT_FUNCTIONS[rope_type](hf_config)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [num_tokens, head_dim/2] for int positions [num_tokens], in float32 then cast."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+def mrope_section(hf_config) -> list[int] | None:
+    """Qwen2-VL's M-RoPE split [s_t, s_h, s_w] of the head_dim/2 frequencies, or None for plain RoPE."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return params.get("mrope_section")
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype,
+                 section: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [num_tokens, head_dim/2] for int positions [num_tokens], in float32 then cast.
+
+    M-RoPE (Qwen2-VL): positions [3, num_tokens] hold (temporal, height, width) indices and
+    section = [s_t, s_h, s_w] (summing to head_dim/2) says which axis each frequency reads: angle_i =
+    p_t * f_i for i < s_t, p_h * f_i for the next s_h, p_w * f_i for the last s_w. Text tokens carry
+    the same index on all three axes, which is plain RoPE.
+    """
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # [num_tokens, D/2] or [3, num_tokens, D/2]
+    if positions.dim() == 2:
+        if section is None:
+            raise ValueError("positions [3, num_tokens] need the model's mrope_section")
+        freqs = torch.cat([part[axis] for axis, part in enumerate(freqs.split(section, dim=-1))], dim=-1)
     return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
 
 

@@ -12,7 +12,7 @@ from tp_embed.layers.attention import VarlenAttention
 from tp_embed.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                     VocabParallelEmbedding)
 from tp_embed.layers.norm import RMSNorm
-from tp_embed.layers.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from tp_embed.layers.rotary import apply_rotary, mrope_section, rope_cos_sin, rope_inv_freq
 
 
 class DecoderAttention(nn.Module):
@@ -84,13 +84,21 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size_padded, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        inv_freq, self.rope_scale = rope_inv_freq(cfg.hf_config, cfg.head_dim)
+        # Qwen2-VL nests the decoder's rope parameters in text_config; text-only configs are their own
+        text_config = cfg.hf_config.get_text_config()
+        inv_freq, self.rope_scale = rope_inv_freq(text_config, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.mrope_section = mrope_section(text_config)
 
-    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
-        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank."""
-        x = self.embed_tokens(batch.input_ids)
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype)
+    def forward(self, batch: Batch, attention_backend: str = "auto",
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank.
+
+        `inputs_embeds` [num_tokens, hidden], when given, replaces the token embeddings (Qwen2-VL
+        scatters image features into them); positions may be [3, num_tokens] for M-RoPE.
+        """
+        x = self.embed_tokens(batch.input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype, self.mrope_section)
         attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                                self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
                                attention_backend)
