@@ -62,8 +62,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-seqs", type=int, default=256, metavar="N",
                    help="most inputs in one packed batch (default 256)")
     g.add_argument("--chat-template", default=None,
-                   help="prompt template applied to every input (accepted for SGLang compatibility; "
-                        "templates are model-family specific)")
+                   help="prompt template applied to every input; model-family specific: gme-qwen2-vl "
+                        "for GME (Qwen2-VL), see docs/gme.md")
+    g.add_argument("--min-pixels", type=int, default=256 * 28 * 28, metavar="PIXELS",
+                   help="Qwen2-VL: images with fewer pixels are upscaled (default 256*28*28 = 200704, "
+                        "GME's reference: at least 256 image tokens)")
+    g.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, metavar="PIXELS",
+                   help="Qwen2-VL: images with more pixels are downscaled (default 1280*28*28 = 1003520, "
+                        "GME's reference: at most 1280 image tokens)")
     g.add_argument("--is-embedding", action="store_true",
                    help="accepted for SGLang compatibility; tp-embed only serves embeddings")
     g.add_argument("--num-threads", type=int, default=None,
@@ -137,6 +143,9 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         p.error("--max-batch-tokens must be at least 1")
     if args.max_batch_seqs < 1:
         p.error("--max-batch-seqs must be at least 1")
+    if not 1 <= args.min_pixels <= args.max_pixels:
+        p.error(f"--min-pixels {args.min_pixels} and --max-pixels {args.max_pixels}: need "
+                f"1 <= min-pixels <= max-pixels")
     for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

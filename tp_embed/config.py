@@ -23,6 +23,8 @@ ENCODER_ARCHITECTURES = (
     "XLMRobertaModel", "XLMRobertaForMaskedLM",
 )
 FAMILIES = {**{a: "decoder" for a in DECODER_ARCHITECTURES}, **{a: "encoder" for a in ENCODER_ARCHITECTURES}}
+# Qwen2-VL (GME): a vision tower whose features enter the Qwen2 decoder
+FAMILIES["Qwen2VLForConditionalGeneration"] = "qwen2_vl"
 
 POOLING_MODES = ("last", "mean", "cls")
 
@@ -88,7 +90,7 @@ class ModelConfig:
     """Model shape and the sizes each tensor-parallel rank holds, computed once."""
     model_path: str
     architecture: str
-    family: str  # "decoder" | "encoder"
+    family: str  # "decoder" | "encoder" | "qwen2_vl"
     model_type: str
     hidden_size: int
     num_layers: int
@@ -143,6 +145,11 @@ class ModelConfig:
             raise ConfigError(f"{name}: unsupported architecture {archs or '(none in config.json)'}; "
                               f"supported: {', '.join(FAMILIES)}")
         family = FAMILIES[arch]
+        hf_config = hf
+        if family == "qwen2_vl":
+            # from here on `hf` is the decoder's config: AutoConfig keeps it in text_config (and moves
+            # a flat, pre-v5 config.json's keys there too)
+            hf = hf.get_text_config()
         num_heads = hf.num_attention_heads
         if tp_size < 1 or num_heads % tp_size != 0:
             raise ConfigError(
@@ -150,7 +157,7 @@ class ModelConfig:
                 f"use tp in {{{', '.join(map(str, divisors(num_heads)))}}}")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
-        if family == "decoder":
+        if family in ("decoder", "qwen2_vl"):
             # KV heads are split when tp divides them and replicated when tp exceeds them.
             if tp_size <= num_kv_heads and num_kv_heads % tp_size != 0 or \
                     tp_size > num_kv_heads and tp_size % num_kv_heads != 0:
@@ -159,11 +166,18 @@ class ModelConfig:
                 raise ConfigError(
                     f"tp={tp_size} does not fit num_key_value_heads={num_kv_heads} of {name}; "
                     f"use tp in {{{', '.join(map(str, valid))}}}")
+            if family == "qwen2_vl" and hf_config.vision_config.num_heads % tp_size != 0:
+                vision_heads = hf_config.vision_config.num_heads
+                valid = [d for d in divisors(vision_heads) if num_heads % d == 0 and (
+                    (d <= num_kv_heads and num_kv_heads % d == 0) or (d > num_kv_heads and d % num_kv_heads == 0))]
+                raise ConfigError(
+                    f"tp={tp_size} does not divide the vision tower's num_heads={vision_heads} of {name}; "
+                    f"use tp in {{{', '.join(map(str, valid))}}}")
             causal = (overrides or {}).get("is_causal", raw.get("is_causal", getattr(hf, "is_causal", True)))
             if causal is None:
                 causal = True
-            model_type = hf.model_type
-            qkv_bias = bool(getattr(hf, "attention_bias", False)) or model_type == "qwen2"
+            model_type = hf_config.model_type
+            qkv_bias = bool(getattr(hf, "attention_bias", False)) or model_type in ("qwen2", "qwen2_vl")
             eps = hf.rms_norm_eps
             act = hf.hidden_act
             type_vocab, position_offset = 0, 0
@@ -185,8 +199,9 @@ class ModelConfig:
             type_vocab_size=type_vocab, pad_token_id=getattr(hf, "pad_token_id", None),
             position_offset=position_offset, tp_size=tp_size,
             num_local_heads=num_heads // tp_size,
-            num_local_kv_heads=max(1, num_kv_heads // tp_size) if family == "decoder" else num_heads // tp_size,
-            vocab_size_padded=vocab_padded, hf_config=hf)
+            num_local_kv_heads=(max(1, num_kv_heads // tp_size) if family in ("decoder", "qwen2_vl")
+                                else num_heads // tp_size),
+            vocab_size_padded=vocab_padded, hf_config=hf_config)
 
     @property
     def max_input_tokens(self) -> int:

@@ -123,7 +123,8 @@ class Engine:
         self.max_batch_seqs = args.max_batch_seqs
         self.attention_backend = args.attention_backend
         self.st = SentenceTransformersConfig.read(self.model_dir)
-        self.pooling = args.pooling or self.st.pooling or ("last" if self.config.family == "decoder" else "cls")
+        decoder_like = self.config.family in ("decoder", "qwen2_vl")
+        self.pooling = args.pooling or self.st.pooling or ("last" if decoder_like else "cls")
         has_st = os.path.isfile(os.path.join(self.model_dir, "modules.json"))
         self.normalize = args.normalize if args.normalize is not None else (self.st.normalize or not has_st)
         hf = self.config.hf_config

@@ -6,8 +6,9 @@ from tp_embed.config import ModelConfig
 def build_model(config: ModelConfig, dtype, device):
     from tp_embed.models.bert import BertModel
     from tp_embed.models.decoder import DecoderModel
+    from tp_embed.models.qwen2_vl import Qwen2VLModel
 
-    cls = {"decoder": DecoderModel, "encoder": BertModel}[config.family]
+    cls = {"decoder": DecoderModel, "encoder": BertModel, "qwen2_vl": Qwen2VLModel}[config.family]
     with torch_default(dtype, device):
         model = cls(config)
     return model.eval()
@@ -16,6 +17,9 @@ def build_model(config: ModelConfig, dtype, device):
 def build_processor(engine):
     """Rank 0's multimodal input processor for the model family, or None for text-only families.
     A processor has `embed(engine, items) -> float32 [len(items), dim]`."""
+    if engine.config.family == "qwen2_vl":
+        from tp_embed.models.qwen2_vl import GmeProcessor
+        return GmeProcessor(engine)
     return None
 
 
