@@ -37,10 +37,14 @@ def test_preset_parses(path):
 def test_preset_tp_choices_match_the_engine(path, tmp_path):
     preset = json.load(open(path))
     heads, kv_heads = preset["_attention_heads"]
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["MistralModel"], "model_type": "mistral", "hidden_size": heads * 8,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 1,
-        "intermediate_size": 16, "vocab_size": 100}))
+    config = {"architectures": ["MistralModel"], "model_type": "mistral", "hidden_size": heads * 8,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 1,
+              "intermediate_size": 16, "vocab_size": 100}
+    if "_vision_heads" in preset:  # Qwen2-VL: the vision tower's heads must split too
+        text = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+        config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "text_config": text,
+                  "vision_config": {"num_heads": preset["_vision_heads"], "embed_dim": preset["_vision_heads"] * 8}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     accepted = []
     for tp in range(1, 9):
         try:
