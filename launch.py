@@ -44,7 +44,7 @@ def run_worker(args) -> int:
         logger.error("%s", e)
         return 2
     try:
-        engine.worker_loop()
+        engine.run()  # lead its data-parallel group, or follow its leader
     except Exception as e:  # rank 0 died or a collective timed out: the group is broken
         logger.error("rank %d: lost the process group (%s: %s); exiting", engine.dist.rank, type(e).__name__, e)
         logging.shutdown()

@@ -25,6 +25,9 @@ class FakeEngine:
         self.heartbeats = 0
         self.stopped = False
 
+    def groups(self):
+        return [self]
+
     def forward_pooled(self, sequences):
         self.entered.set()
         assert self.gate.wait(10)

@@ -22,6 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1,
                    help="tensor-parallel size: ranks that share each layer; must equal torchrun's "
                         "--nproc-per-node (default 1)")
+    g.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
+                   help="data-parallel size: independent tensor-parallel groups of --tp ranks each; "
+                        "torchrun must start dp x tp processes; global rank 0 routes each batch to a free "
+                        "group (default 1)")
     g.add_argument("--dtype", default="auto",
                    help="weights and activations dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                         "bfloat16, float16 or float32")
@@ -108,6 +112,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "(default: min(4, CPU cores))")
     g.add_argument("--access-log", action="store_true",
                    help="log every HTTP request (off by default: it costs latency)")
+    g = p.add_argument_group("media (image inputs: data URIs, base64, URLs, local files)")
+    g.add_argument("--allow-private-media-urls", action="store_true",
+                   help="let image URLs point at loopback, private, link-local and other non-public "
+                        "addresses (off by default: a client cannot make the server fetch from its own network)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let clients name image files (file:// URIs or absolute paths) under DIR; symlinks "
+                        "and '..' are resolved and must stay inside (default: none, local paths are refused)")
+    g.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="PIXELS",
+                   help="largest image in width x height, checked from its header before decoding "
+                        "(default 40,000,000; an 8K frame is 33 million)")
+    g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
+                   help="largest encoded image file, fetched, read or base64-decoded (default 20 MiB)")
+    g.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time allowed to fetch one image URL, redirects included (default 10)")
 
 
 def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -139,6 +157,8 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         args.model_overrides = {}
     if args.tp < 1:
         p.error("--tp must be at least 1")
+    if args.dp < 1:
+        p.error("--dp must be at least 1")
     if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
         p.error("--max-batch-tokens must be at least 1")
     if args.max_batch_seqs < 1:
@@ -146,11 +166,12 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
     if not 1 <= args.min_pixels <= args.max_pixels:
         p.error(f"--min-pixels {args.min_pixels} and --max-pixels {args.max_pixels}: need "
                 f"1 <= min-pixels <= max-pixels")
-    for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers"):
+    for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers", "max_image_pixels",
+                 "max_image_bytes"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("request_timeout", "shutdown_timeout"):
+    for name in ("request_timeout", "shutdown_timeout", "media_fetch_timeout"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")

@@ -1,5 +1,10 @@
 """Process groups and the few collectives the model uses.
 
+The world of dp x tp ranks is split into dp tensor-parallel groups of tp consecutive ranks (so a group
+stays inside a node when torchrun gives each node a multiple of tp processes). Group g's rank 0 (global
+rank g*tp, its *leader*) broadcasts batches to its group. Global rank 0 leads group 0, serves HTTP, and
+reaches each other leader through a two-rank group {0, g*tp}.
+
 Every helper returns early at tensor-parallel size 1 (Megatron's `mappings.py`), so a single-process run
 never touches torch.distributed beyond what it asks for. The state is one small object set once by
 `init_distributed` and read by the layers through `tp_rank()` / `tp_size()`.
@@ -23,6 +28,11 @@ class ParallelState:
     tp_group: object  # torch.distributed ProcessGroup, or None at world size 1
     device: torch.device
     backend: str  # "nccl", "gloo", or "none" for a single process
+    dp_rank: int = 0  # which tensor-parallel group this rank belongs to
+    dp_size: int = 1
+    tp_leader: int = 0  # global rank of this group's tp rank 0: the source of its broadcasts
+    leader_group: object = None  # on a leader of group g >= 1: the group {0, g*tp}
+    leader_groups: tuple = ()  # on global rank 0: the group {0, g*tp} of each g >= 1, in order
 
 
 _STATE = ParallelState(0, 1, 0, 0, 1, None, torch.device("cpu"), "none")
@@ -47,12 +57,12 @@ def default_device() -> torch.device:
 
 
 def init_distributed(tp: int, device: str | None = None, backend: str | None = None,
-                     timeout_s: float = 600.0) -> ParallelState:
-    """Set up the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+                     timeout_s: float = 600.0, dp: int = 1) -> ParallelState:
+    """Set up the process groups from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     NCCL when the ranks compute on CUDA, gloo on CPU; `backend` overrides (gloo with CUDA tensors is how
-    the sharded CUDA path runs on a single GPU). Without torchrun's environment and tp == 1 this sets up a
-    single process with no process group at all.
+    the sharded CUDA path runs on a single GPU). Without torchrun's environment and tp == dp == 1 this
+    sets up a single process with no process group at all.
     """
     global _STATE
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,10 +71,11 @@ def init_distributed(tp: int, device: str | None = None, backend: str | None = N
     dev = torch.device(device) if device else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if world_size != tp:
+    if world_size != tp * dp:
+        need = f"--dp {dp} x --tp {tp} = {tp * dp}" if dp > 1 else f"--tp {tp}"
         raise SystemExit(
-            f"--tp {tp} needs exactly {tp} processes, but torchrun started {world_size}: "
-            f"run `torchrun --nproc-per-node {tp} launch.py ... --tp {tp}`")
+            f"{need} needs exactly {tp * dp} processes, but torchrun started {world_size}: "
+            f"run `torchrun --nproc-per-node {tp * dp} launch.py ... {need.split(' =')[0]}`")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size == 1:
@@ -74,12 +85,22 @@ def init_distributed(tp: int, device: str | None = None, backend: str | None = N
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if backend == "nccl" else None)
-    _STATE = ParallelState(rank, world_size, local_rank, rank, world_size, dist.group.WORLD, dev, backend)
+    dp_rank, tp_rank_ = divmod(rank, tp)
+    if dp == 1:
+        _STATE = ParallelState(rank, world_size, local_rank, rank, world_size, dist.group.WORLD, dev, backend)
+        return _STATE
+    # every rank creates every group, in the same order (new_group is collective over the world)
+    tp_groups = [dist.new_group(list(range(g * tp, (g + 1) * tp))) for g in range(dp)]
+    pair_groups = [dist.new_group([0, g * tp]) for g in range(1, dp)]
+    leader_group = pair_groups[dp_rank - 1] if dp_rank > 0 and tp_rank_ == 0 else None
+    _STATE = ParallelState(rank, world_size, local_rank, tp_rank_, tp, tp_groups[dp_rank], dev, backend,
+                           dp_rank=dp_rank, dp_size=dp, tp_leader=dp_rank * tp, leader_group=leader_group,
+                           leader_groups=tuple(pair_groups) if rank == 0 else ())
     return _STATE
 
 
 def destroy_distributed() -> None:
-    """Tear the process group down together: a rank that leaves while a peer still talks to it can
+    """Tear the process groups down together: a rank that leaves while a peer still talks to it can
     abort the peer's gloo threads, so every rank meets at a barrier first."""
     global _STATE
     if dist.is_initialized():
@@ -107,10 +128,12 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Broadcast `x` from tensor-parallel rank `src` to the group, in place."""
-    if _STATE.tp_size == 1:
-        return x
-    dist.broadcast(x, src=src, group=_STATE.tp_group)
+def broadcast(x: torch.Tensor, src: int | None = None, group=None) -> torch.Tensor:
+    """Broadcast `x` in place: by default from this tensor-parallel group's leader to the group;
+    with `group` (a leader's pair group) from global rank `src`."""
+    if group is None:
+        if _STATE.tp_size == 1:
+            return x
+        group, src = _STATE.tp_group, _STATE.tp_leader
+    dist.broadcast(x, src=src, group=group)
     return x
-

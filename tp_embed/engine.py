@@ -22,7 +22,7 @@ from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
 from tp_embed.models import build_model, build_processor
 from tp_embed.pooling import pool
-from tp_embed.protocol import Cmd, recv, send_batch, send_command
+from tp_embed.protocol import Cmd, recv, recv_pooled, send_batch, send_command, send_pooled
 
 logger = logging.getLogger("tp_embed")
 
@@ -105,7 +105,7 @@ class Engine:
         self.args = args
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 1) // local_world))
-        self.dist = init_distributed(args.tp, args.device, args.dist_backend, args.dist_timeout)
+        self.dist = init_distributed(args.tp, args.device, args.dist_backend, args.dist_timeout, args.dp)
         self.is_driver = self.dist.tp_rank == 0
         self.model_dir, self.model_name = resolve_model_path(args.model_path)
         self.config = ModelConfig.from_pretrained(self.model_dir, args.tp, args.trust_remote_code,
@@ -191,6 +191,32 @@ class Engine:
     def stop_workers(self) -> None:
         send_command(Cmd.STOP)
 
+    def run(self) -> None:
+        """What a rank other than global rank 0 does until it is told to stop: lead its group (the
+        tp rank 0 of a data-parallel group g >= 1) or follow its leader."""
+        if self.is_driver and self.dist.dp_rank > 0:
+            self.leader_loop()
+        else:
+            self.worker_loop()
+
+    def groups(self) -> list:
+        """Global rank 0's handles on every data-parallel group, its own group first."""
+        return [self] + [RemoteGroup(self, g) for g in range(1, self.dist.dp_size)]
+
+    def leader_loop(self) -> None:
+        """Leader of group g >= 1: take batches from global rank 0 over the pair group, run them on
+        this group exactly as rank 0 runs its own (broadcast to the group, forward, pool), and send the
+        pooled rows back. Heartbeats and STOP are relayed to the group."""
+        group, leader = self.dist.leader_group, self.dist.rank
+        while True:
+            cmd, batch = recv(group=group, src=0)
+            if cmd != Cmd.FORWARD:
+                send_command(cmd)
+                if cmd == Cmd.STOP:
+                    return
+                continue
+            send_pooled(self.forward_batch(batch.to("cpu")), group, leader)
+
     @torch.inference_mode()
     def worker_loop(self) -> None:
         """Ranks 1..N-1: run every batch rank 0 sends until it sends STOP."""
@@ -200,3 +226,24 @@ class Engine:
                 return
             if cmd == Cmd.FORWARD:
                 self.model(batch.to(self.device), self.attention_backend)
+
+
+class RemoteGroup:
+    """Global rank 0's handle on data-parallel group g >= 1: the same calls as Engine's, carried out by
+    that group's leader over their pair group. Only the engine thread that owns this handle uses it."""
+
+    def __init__(self, engine: Engine, dp_rank: int):
+        self.engine, self.dp_rank = engine, dp_rank
+        self.group = engine.dist.leader_groups[dp_rank - 1]
+        self.leader = dp_rank * engine.dist.tp_size
+        self.max_batch_tokens, self.max_batch_seqs = engine.max_batch_tokens, engine.max_batch_seqs
+
+    def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
+        send_batch(Batch.from_token_ids(sequences), self.group, 0)
+        return recv_pooled(len(sequences), self.engine.hidden_size, self.group, self.leader)
+
+    def heartbeat(self) -> None:
+        send_command(Cmd.NOOP, self.group, 0)
+
+    def stop_workers(self) -> None:
+        send_command(Cmd.STOP, self.group, 0)

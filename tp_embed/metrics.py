@@ -48,6 +48,10 @@ class Metrics:
                                       buckets=COUNT_BUCKETS, registry=r)
         self.batch_tokens = Histogram("tp_embed_batch_tokens", "tokens in one batch",
                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.group_batches = Counter("tp_embed_group_batches", "batches computed, by data-parallel group",
+                                     ["group"], registry=r)
+        self.group_tokens = Counter("tp_embed_group_tokens", "tokens computed, by data-parallel group",
+                                    ["group"], registry=r)
         self.queue_depth = Gauge("tp_embed_queue_depth", "requests with inputs waiting for a batch", registry=r)
         self.requests_in_flight = Gauge("tp_embed_requests_in_flight",
                                         "requests admitted and not yet answered by the engine", registry=r)
@@ -61,7 +65,10 @@ class Metrics:
         self.requests_in_flight.set_function(lambda: scheduler.num_active)
         self.queued_tokens.set_function(lambda: scheduler.queued_tokens)
 
-    def observe_batch(self, num_requests: int, num_inputs: int, num_tokens: int, seconds: float) -> None:
+    def observe_batch(self, num_requests: int, num_inputs: int, num_tokens: int, seconds: float,
+                      group: int = 0) -> None:
+        self.group_batches.labels(group=str(group)).inc()
+        self.group_tokens.labels(group=str(group)).inc(num_tokens)
         self.batch_requests.observe(num_requests)
         self.batch_inputs.observe(num_inputs)
         self.batch_tokens.observe(num_tokens)

@@ -113,10 +113,10 @@ class Scheduler:
                 self._release(job)
 
     def stop(self) -> None:
-        """Finish what is queued, send STOP to the workers and end the thread."""
+        """Finish what is queued, send STOP to the workers and end the threads."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every queued and in-flight job (a batch already running still runs, its result unused)."""
@@ -153,27 +153,41 @@ class Scheduler:
             return
         with self._cond:
             self.ready = not self._stopping
+        # one lane per data-parallel group: this thread drives group 0, one more thread each other group
+        lanes = self.engine.groups()
+        others = [threading.Thread(target=self._run_lane, args=(lane, g), name=f"tp-embed-group-{g}", daemon=True)
+                  for g, lane in enumerate(lanes) if g > 0]
         self.on_ready(self.engine)
+        for thread in others:
+            thread.start()
+        self._run_lane(self.engine, 0)
+        for thread in others:
+            thread.join()
+
+    def _run_lane(self, engine, group: int) -> None:
+        """Run batches on one group until the queue is drained at shutdown, then stop its ranks. A free
+        group takes the next batch, so work goes to the least-loaded group."""
         try:
-            self._loop()
-            self.engine.stop_workers()
+            self._loop(engine, group)
+            engine.stop_workers()
         except BaseException as e:
-            logger.exception("engine thread failed; failing every request and exiting")
+            logger.exception("engine thread of group %d failed; failing every request and exiting", group)
             with self._cond:
                 self.dead = True
+                self._stopping = True
                 jobs = self._fail_locked(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
+                self._cond.notify_all()
             if jobs:
                 self.deliver(jobs)
             self.on_fatal(e)
 
-    def _loop(self) -> None:
-        engine = self.engine
+    def _loop(self, engine, group: int = 0) -> None:
         last_collective = time.monotonic()
         while True:
             with self._cond:
                 if not self._waiting and not self._stopping:
                     self._cond.wait(self.heartbeat_interval)
-                if self._stopping and not self._waiting:
+                if self.dead or (self._stopping and not self._waiting):
                     return
                 batch = self._pack(engine.max_batch_tokens, engine.max_batch_seqs)
             if not batch:
@@ -190,7 +204,7 @@ class Scheduler:
             rate = num_tokens / max(seconds, 1e-6)
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * rate if self._tokens_per_s else rate
             if self.metrics is not None:
-                self.metrics.observe_batch(len(batch), len(sequences), num_tokens, seconds)
+                self.metrics.observe_batch(len(batch), len(sequences), num_tokens, seconds, group)
             finished, row = [], 0
             for job, start, end in batch:
                 rows = pooled[row:row + end - start]
