@@ -128,6 +128,15 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_min(value: int) -> int:
+    """The smallest of each rank's `value` over the tensor-parallel group (ranks agreeing on a limit)."""
+    if _STATE.tp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_STATE.tp_group)
+    return int(t.item())
+
+
 def broadcast(x: torch.Tensor, src: int | None = None, group=None) -> torch.Tensor:
     """Broadcast `x` in place: by default from this tensor-parallel group's leader to the group;
     with `group` (a leader's pair group) from global rank `src`."""

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig, resolve_dtype
-from tp_embed.distributed import init_distributed
+from tp_embed.distributed import all_reduce_min, init_distributed
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
 from tp_embed.models import build_model, build_processor
@@ -100,6 +100,13 @@ def pack_batches(lengths: list[int], max_batch_tokens: int, max_batch_seqs: int)
     return batches
 
 
+def fit_batch_tokens(requested: int, free_bytes: float, bytes_per_token: float, headroom: float = 0.85) -> int:
+    """The largest batch budget <= requested whose activations fit in headroom x the free memory."""
+    if bytes_per_token <= 0:
+        return requested
+    return max(1, min(requested, int(free_bytes * headroom / bytes_per_token)))
+
+
 class Engine:
     def __init__(self, args, show_progress: bool = True):
         self.args = args
@@ -120,6 +127,8 @@ class Engine:
             self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
         self.load_seconds = time.perf_counter() - t0
         self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
+        if self.device.type == "cuda":
+            self.max_batch_tokens = self.fit_batch_to_memory(self.max_batch_tokens)
         self.max_batch_seqs = args.max_batch_seqs
         self.attention_backend = args.attention_backend
         self.st = SentenceTransformersConfig.read(self.model_dir)
@@ -132,8 +141,35 @@ class Engine:
         self.is_matryoshka = bool(getattr(hf, "is_matryoshka", False))
         self.text = (TextProcessor(self.model_dir, self.config, self.st, args.context_length,
                                    args.trust_remote_code) if self.is_driver else None)
+        if self.text is not None and self.text.max_length > self.max_batch_tokens:
+            # an input must fit one batch: longer ones are refused (or truncated when asked), never looped on
+            logger.warning("context length %d exceeds the batch budget of %d tokens; inputs are limited to %d",
+                           self.text.max_length, self.max_batch_tokens, self.max_batch_tokens)
+            self.text.max_length = self.max_batch_tokens
         # multimodal families bring a processor for images (None: text only)
         self.processor = build_processor(self) if self.is_driver else None
+
+    @torch.inference_mode()
+    def fit_batch_to_memory(self, requested: int, probe_tokens: int = 2048) -> int:
+        """The profiling pass, on every rank at once with the same dummy batch: run `probe_tokens`
+        tokens, measure the peak memory the forward pass adds per token, and cap the batch budget so a
+        full batch fits in what is free after loading. The ranks agree on the smallest budget."""
+        seq_len = min(probe_tokens, self.config.max_input_tokens)
+        num_seqs = max(1, probe_tokens // seq_len)
+        batch = Batch.from_token_ids([[0] * seq_len] * num_seqs, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.model(batch, self.attention_backend)
+        torch.cuda.synchronize(self.device)
+        per_token = (torch.cuda.max_memory_allocated(self.device) - base) / batch.num_tokens
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        budget = all_reduce_min(fit_batch_tokens(requested, free, per_token))
+        if budget < requested:
+            logger.warning("--max-batch-tokens %d does not fit in GPU memory (%.1f GiB free, %.0f KiB per "
+                           "token); using %d", requested, free / 2 ** 30, per_token / 1024, budget)
+        return budget
 
     @property
     def hidden_size(self) -> int:
