@@ -7,6 +7,7 @@ length limit and the named prompts, read the way sentence-transformers reads the
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ ENCODER_ARCHITECTURES = (
 FAMILIES = {**{a: "decoder" for a in DECODER_ARCHITECTURES}, **{a: "encoder" for a in ENCODER_ARCHITECTURES}}
 # Qwen2-VL (GME): a vision tower whose features enter the Qwen2 decoder
 FAMILIES["Qwen2VLForConditionalGeneration"] = "qwen2_vl"
+# CLIP: a text and a vision tower, each with its own pooling and projection
+FAMILIES["CLIPModel"] = "clip"
 
 POOLING_MODES = ("last", "mean", "cls")
 
@@ -90,7 +93,7 @@ class ModelConfig:
     """Model shape and the sizes each tensor-parallel rank holds, computed once."""
     model_path: str
     architecture: str
-    family: str  # "decoder" | "encoder" | "qwen2_vl"
+    family: str  # "decoder" | "encoder" | "qwen2_vl" | "clip"
     model_type: str
     hidden_size: int
     num_layers: int
@@ -145,6 +148,8 @@ class ModelConfig:
             raise ConfigError(f"{name}: unsupported architecture {archs or '(none in config.json)'}; "
                               f"supported: {', '.join(FAMILIES)}")
         family = FAMILIES[arch]
+        if family == "clip":
+            return clip_model_config(model_path, name, arch, hf, tp_size)
         hf_config = hf
         if family == "qwen2_vl":
             # from here on `hf` is the decoder's config: AutoConfig keeps it in text_config (and moves
@@ -207,6 +212,28 @@ class ModelConfig:
     def max_input_tokens(self) -> int:
         """Positions the model can embed (XLM-RoBERTa loses the ones before its padding offset)."""
         return self.max_position_embeddings - self.position_offset
+
+
+def clip_model_config(model_path: str, name: str, arch: str, hf, tp_size: int) -> ModelConfig:
+    """CLIPModel: tp must divide both towers' heads. The shape fields describe the text tower (what
+    tokenization and packing read: vocabulary, 77 positions); hidden_size is projection_dim, the size of
+    every output vector. The model reads each tower's shape from hf.text_config / hf.vision_config."""
+    text, vision = hf.text_config, hf.vision_config
+    text_heads, vision_heads = text.num_attention_heads, vision.num_attention_heads
+    if tp_size < 1 or text_heads % tp_size or vision_heads % tp_size:
+        valid = divisors(math.gcd(text_heads, vision_heads))
+        raise ConfigError(f"tp={tp_size} does not divide the attention heads of {name} (text tower "
+                          f"{text_heads}, vision tower {vision_heads}); use tp in {{{', '.join(map(str, valid))}}}")
+    return ModelConfig(
+        model_path=model_path, architecture=arch, family="clip", model_type=hf.model_type,
+        hidden_size=hf.projection_dim, num_layers=text.num_hidden_layers, num_heads=text_heads,
+        num_kv_heads=text_heads, head_dim=text.hidden_size // text_heads, intermediate_size=text.intermediate_size,
+        vocab_size=text.vocab_size, norm_eps=text.layer_norm_eps,
+        max_position_embeddings=text.max_position_embeddings, causal=True, qkv_bias=True, qk_norm=False,
+        tie_word_embeddings=False, hidden_act=text.hidden_act, type_vocab_size=0,
+        pad_token_id=text.pad_token_id, position_offset=0, tp_size=tp_size,
+        num_local_heads=text_heads // tp_size, num_local_kv_heads=text_heads // tp_size,
+        vocab_size_padded=-(-text.vocab_size // tp_size) * tp_size, hf_config=hf)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

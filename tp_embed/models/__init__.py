@@ -5,10 +5,12 @@ from tp_embed.config import ModelConfig
 
 def build_model(config: ModelConfig, dtype, device):
     from tp_embed.models.bert import BertModel
+    from tp_embed.models.clip import ClipModel
     from tp_embed.models.decoder import DecoderModel
     from tp_embed.models.qwen2_vl import Qwen2VLModel
 
-    cls = {"decoder": DecoderModel, "encoder": BertModel, "qwen2_vl": Qwen2VLModel}[config.family]
+    cls = {"decoder": DecoderModel, "encoder": BertModel, "qwen2_vl": Qwen2VLModel,
+           "clip": ClipModel}[config.family]
     with torch_default(dtype, device):
         model = cls(config)
     return model.eval()
@@ -20,6 +22,9 @@ def build_processor(engine):
     if engine.config.family == "qwen2_vl":
         from tp_embed.models.qwen2_vl import GmeProcessor
         return GmeProcessor(engine)
+    if engine.config.family == "clip":
+        from tp_embed.models.clip import ClipProcessor
+        return ClipProcessor(engine.model_dir, engine.config)
     return None
 
 
