@@ -25,9 +25,10 @@ def test_preset_parses(path):
     p = argparse.ArgumentParser()
     add_engine_args(p)
     args = parse_with_config(p, ["--config", path])
-    assert args.pooling in ("last", "mean", "cls")
-    assert args.normalize is True
     preset = json.load(open(path))
+    # CLIP pools itself (texts at the end-of-text token, images at the class token): no pooling to set
+    assert args.pooling in ("last", "mean", "cls") or preset.get("_architecture") == "CLIPModel"
+    assert args.normalize is True
     assert args.model_path == preset["model-path"]
     # the command line wins over the preset
     assert parse_with_config(p, ["--config", path, "--pooling", "mean"]).pooling == "mean"
@@ -40,7 +41,12 @@ def test_preset_tp_choices_match_the_engine(path, tmp_path):
     config = {"architectures": ["MistralModel"], "model_type": "mistral", "hidden_size": heads * 8,
               "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 1,
               "intermediate_size": 16, "vocab_size": 100}
-    if "_vision_heads" in preset:  # Qwen2-VL: the vision tower's heads must split too
+    if preset.get("_architecture") == "CLIPModel":  # CLIP: tp must divide both towers' heads
+        config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 8,
+                  "text_config": {"num_attention_heads": heads, "hidden_size": heads * 8, "intermediate_size": 16},
+                  "vision_config": {"num_attention_heads": preset["_vision_heads"],
+                                    "hidden_size": preset["_vision_heads"] * 8, "intermediate_size": 16}}
+    elif "_vision_heads" in preset:  # Qwen2-VL: the vision tower's heads must split too
         text = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
         config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "text_config": text,
                   "vision_config": {"num_heads": preset["_vision_heads"], "embed_dim": preset["_vision_heads"] * 8}}
