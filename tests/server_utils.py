@@ -90,12 +90,18 @@ class ServerProcess:
         headers = {**self.headers, **kw.pop("headers", {})}
         return httpx.get(self.url + path, headers=headers, timeout=timeout, **kw)
 
+    def metrics(self) -> dict[str, float]:
+        """Every sample of one /metrics scrape, keyed 'name' or 'name{labels}'."""
+        samples = {}
+        for line in self.get("/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of /metrics, e.g. metric("tp_embed_batch_requests_bucket", 'le="1.0"'); 0 if absent."""
-        text = self.get("/metrics").text
-        pattern = rf"^{re.escape(name)}{{{re.escape(labels)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
-        m = re.search(pattern, text, re.M)
-        return float(m.group(1)) if m else 0.0
+        """One sample, e.g. metric("tp_embed_batch_requests_bucket", 'le="1.0"'); 0 if absent."""
+        return self.metrics().get(f"{name}{{{labels}}}" if labels else name, 0.0)
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
