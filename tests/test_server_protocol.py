@@ -83,3 +83,9 @@ def test_non_finite_output_is_a_server_error_not_invalid_json():
     with pytest.raises(APIError) as e:
         render_embeddings(np.array([[1.0, np.nan]], dtype=np.float32), "float", "m", 1)
     assert e.value.status == 500
+
+
+def test_float_rendering_in_blocks_keeps_every_row():
+    vectors = np.arange(70 * 2000, dtype=np.float32).reshape(70, 2000) / 7  # blocks of 32 rows
+    body = json.loads(render_embeddings(vectors, "float", "m", 1))
+    np.testing.assert_array_equal(np.array([d["embedding"] for d in body["data"]], dtype=np.float32), vectors)

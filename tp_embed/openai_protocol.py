@@ -155,7 +155,11 @@ def render_embeddings(vectors: np.ndarray, encoding_format: str, model: str, num
     if encoding_format == "base64":
         rows = [b'"' + base64.b64encode(row.tobytes()) + b'"' for row in vectors.astype("<f4", copy=False)]
     else:
-        rows = [("[" + ",".join(row) + "]").encode() for row in vectors.astype(str).tolist()]
+        # the str cast takes 128 bytes per number: convert blocks of ~64k numbers, not 2048 x 4096 at once
+        rows = []
+        step = max(1, 65536 // max(1, vectors.shape[1]))
+        for start in range(0, vectors.shape[0], step):
+            rows += [("[" + ",".join(row) + "]").encode() for row in vectors[start:start + step].astype(str).tolist()]
     data = b",".join(b'{"object":"embedding","index":%d,"embedding":%s}' % (i, row) for i, row in enumerate(rows))
     tail = json.dumps({"model": model, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}},
                       separators=(",", ":"))
