@@ -101,6 +101,17 @@ def test_float_encoding_and_dimensions_over_httpx(which, dims, request):
     np.testing.assert_array_equal(response_vectors(r.json()), short)  # same float32 values either way
 
 
+def test_a_request_larger_than_a_batch_comes_back_in_input_order(tiny):
+    texts = [MIXED_TEXTS[(i * 7) % len(MIXED_TEXTS)] for i in range(600)]  # > 8192 tokens: several batches
+    batches = tiny.metric("tp_embed_batch_forward_seconds_count")
+    r = tiny.post("/v1/embeddings", {"input": texts, "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    assert tiny.metric("tp_embed_batch_forward_seconds_count") - batches >= 2
+    reference = st_encode(tiny.model_dir, MIXED_TEXTS)
+    expected = reference[[(i * 7) % len(MIXED_TEXTS) for i in range(600)]]
+    assert cosine_rows(response_vectors(r.json()), expected).min() >= 0.99999
+
+
 def test_token_id_inputs_equal_text_inputs(tiny):
     texts = MIXED_TEXTS[:4]
     ids = AutoTokenizer.from_pretrained(tiny.model_dir)(texts)["input_ids"]

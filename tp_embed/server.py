@@ -53,6 +53,7 @@ class PreparedEmbedding:
     dimensions: int | None
     normalize: bool
     encoding_format: str
+    order: list[int] | None  # sequences[j] is input order[j]; None when in input order
 
 
 class EmbeddingServer:
@@ -247,10 +248,15 @@ class EmbeddingServer:
                     text.check_lengths(sequences)
         except InputTooLongError as e:
             raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        num_tokens = sum(map(len, sequences))
+        order = None
+        if num_tokens > engine.max_batch_tokens:
+            # split over several batches: sorted by length, each batch pads its attention less (SDPA)
+            order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+            sequences = [sequences[i] for i in order]
         self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         normalize = req.normalize if req.normalize is not None else engine.normalize
-        return PreparedEmbedding(sequences, sum(map(len, sequences)), req.dimensions, normalize,
-                                 req.encoding_format)
+        return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order)
 
     async def wait_for(self, job: Job, request: Request, deadline: float) -> None:
         """Until the job's result, the client's disconnect or the deadline; the last two drop the job."""
@@ -300,7 +306,11 @@ class EmbeddingServer:
             code = "engine_failed" if isinstance(job.error, EngineDeadError) else "server_not_ready"
             raise APIError(503, str(job.error), code=code)
         self.metrics.queue_latency.observe(time.perf_counter() - queued)
-        vectors = truncate_and_normalize(job.outputs, prepared.dimensions, prepared.normalize).numpy()
+        outputs = job.outputs
+        if prepared.order is not None:
+            outputs = torch.empty_like(outputs)
+            outputs[prepared.order] = job.outputs
+        vectors = truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy()
         args = (vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens)
         if vectors.size > INLINE_RENDER_FLOATS:
             content = await loop.run_in_executor(self.pool, render_embeddings, *args)
