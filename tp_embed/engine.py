@@ -206,7 +206,7 @@ class Engine:
             out[idx] = self.forward_pooled([sequences[i] for i in idx])
         return out
 
-    def embed_items(self, items: list) -> torch.Tensor:
+    def embed_items(self, items: list, truncate: bool | None = None) -> torch.Tensor:
         """Rank 0: one float32 vector per multimodal Item (text, image or both), in order.
 
         The model family's processor (built by `build_processor`) turns items into packed batches:
@@ -215,7 +215,7 @@ class Engine:
         """
         if self.processor is None:
             raise ValueError(f"{self.model_name} takes text only")
-        return self.processor.embed(self, items)
+        return self.processor.embed(self, items, truncate)
 
     def warmup(self) -> None:
         if self.is_driver:

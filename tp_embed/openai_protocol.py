@@ -43,6 +43,7 @@ class EmbeddingRequest(BaseModel):
     normalize: StrictBool | None = None
     truncate: StrictBool | None = None
     prompt_name: StrictStr | None = None
+    instruction: StrictStr | None = None  # GME's system instruction for this request's items
 
 
 class TokenizeRequest(BaseModel):
@@ -125,6 +126,34 @@ def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:
     if type(first) is int:
         return None, [raw]
     raise APIError(400, f"input must be {shapes}; input[0] is {json_kind(first)}", param="input")
+
+
+def parse_items(raw: object) -> list[tuple[str | None, str | None]] | None:
+    """Multimodal input, as SGLang accepts it: a list of {"text": ...}, {"image": ...} or both, one
+    embedding per item. Returns (text, image reference) per item, or None when `raw` is another shape."""
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], dict):
+        return None
+    if len(raw) > MAX_INPUTS:
+        raise APIError(400, f"input has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
+                       param="input")
+    items = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise APIError(400, f"input[{i}] is {json_kind(item)}, but input[0] is an object: a list of "
+                                f"items holds objects with 'text' and/or 'image'", param="input")
+        unknown = sorted(set(item) - {"text", "image"})
+        if unknown:
+            raise APIError(400, f"input[{i}] has unknown fields {unknown}; an item holds 'text' and/or 'image'",
+                           param="input")
+        for key in ("text", "image"):
+            value = item.get(key)
+            if key in item and (not isinstance(value, str) or not value):
+                raise APIError(400, f"input[{i}].{key} must be a non-empty string", param="input")
+        if not item:
+            raise APIError(400, f"input[{i}] is an empty object; an item needs 'text', 'image' or both",
+                           param="input")
+        items.append((item.get("text"), item.get("image")))
+    return items
 
 
 def check_token_ids(sequences: list[list[int]], vocab_size: int, nested: bool) -> None:

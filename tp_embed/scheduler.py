@@ -49,9 +49,13 @@ class Job:
     """
 
     __slots__ = ("sequences", "num_tokens", "next_seq", "num_done", "outputs", "error", "cancelled",
-                 "released", "future")
+                 "released", "future", "items", "truncate")
 
-    def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None):
+    def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None,
+                 items: list | None = None, truncate: bool | None = None):
+        # a multimodal job carries Items instead of token sequences: group 0's engine thread embeds it
+        # whole with engine.embed_items (the model's processor packs its batches)
+        self.items, self.truncate = items, truncate
         self.sequences = sequences
         self.num_tokens = num_tokens if num_tokens is not None else sum(map(len, sequences))
         self.next_seq = 0  # first sequence not yet put into a batch
@@ -78,6 +82,7 @@ class Scheduler:
         self.dead = False
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
+        self._item_jobs: collections.deque[Job] = collections.deque()  # multimodal, for group 0
         self._active: set[Job] = set()  # admitted, neither finished nor failed
         self._queued_tokens = 0
         self._stopping = False
@@ -100,7 +105,7 @@ class Scheduler:
             if limit is not None and self._queued_tokens and self._queued_tokens + job.num_tokens > limit:
                 raise QueueFullError(self._queued_tokens, job.num_tokens, limit, self._retry_after())
             self._queued_tokens += job.num_tokens
-            self._waiting.append(job)
+            (self._item_jobs if job.items is not None else self._waiting).append(job)
             self._active.add(job)
             self._cond.notify()
 
@@ -136,7 +141,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Jobs admitted with inputs still to be put into a batch."""
-        return len(self._waiting)
+        return len(self._waiting) + len(self._item_jobs)
 
     @property
     def queued_tokens(self) -> int:
@@ -185,11 +190,17 @@ class Scheduler:
         last_collective = time.monotonic()
         while True:
             with self._cond:
-                if not self._waiting and not self._stopping:
+                mine = self._item_jobs if group == 0 else ()
+                if not self._waiting and not mine and not self._stopping:
                     self._cond.wait(self.heartbeat_interval)
-                if self.dead or (self._stopping and not self._waiting):
+                if self.dead or (self._stopping and not self._waiting and not mine):
                     return
-                batch = self._pack(engine.max_batch_tokens, engine.max_batch_seqs)
+                item_job = self._next_item_job() if group == 0 else None
+                batch = [] if item_job else self._pack(engine.max_batch_tokens, engine.max_batch_seqs)
+            if item_job is not None:
+                self._run_items(engine, item_job)
+                last_collective = time.monotonic()
+                continue
             if not batch:
                 if time.monotonic() - last_collective >= self.heartbeat_interval:
                     engine.heartbeat()
@@ -225,6 +236,27 @@ class Scheduler:
                     self._release(job)
             if finished:
                 self.deliver(finished)
+
+    def _next_item_job(self) -> Job | None:
+        while self._item_jobs:
+            job = self._item_jobs.popleft()
+            if not job.cancelled:
+                return job
+        return None
+
+    def _run_items(self, engine, job: Job) -> None:
+        """Embed a multimodal job whole. The processor checks every item before it sends a batch, so a
+        bad item (ValueError) fails this job alone and the ranks stay in step."""
+        try:
+            job.outputs = engine.embed_items(job.items, job.truncate)
+        except ValueError as e:
+            job.error = e
+        with self._cond:
+            if job not in self._active:  # cancelled meanwhile
+                return
+            self._active.discard(job)
+            self._release(job)
+        self.deliver([job])
 
     def _pack(self, max_batch_tokens: int, max_batch_seqs: int) -> list[tuple[Job, int, int]]:
         """Take (job, start, end) slices from the head of the queue until the batch is full. An input
@@ -264,6 +296,7 @@ class Scheduler:
             self._release(job)
         self._active.clear()
         self._waiting.clear()
+        self._item_jobs.clear()
         return jobs
 
     def _retry_after(self) -> int:

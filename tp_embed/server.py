@@ -33,9 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tp_embed.config import ConfigError
 from tp_embed.engine import Engine, InputTooLongError
+from tp_embed.items import Item
+from tp_embed.media import MediaConfig, MediaError, load_image
 from tp_embed.metrics import Metrics
 from tp_embed.openai_protocol import (APIError, EmbeddingRequest, TokenizeRequest, check_encoding_format,
-                                      check_token_ids, parse_input, parse_json_body, render_embeddings)
+                                      check_token_ids, parse_input, parse_items, parse_json_body,
+                                      render_embeddings)
 from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
 
@@ -54,11 +57,15 @@ class PreparedEmbedding:
     normalize: bool
     encoding_format: str
     order: list[int] | None  # sequences[j] is input order[j]; None when in input order
+    items: list | None = None  # multimodal Items, embedded whole by the model's processor
+    truncate: bool | None = None
+    budget_tokens: int = 0  # what an items job counts against --max-queued-tokens
 
 
 class EmbeddingServer:
     def __init__(self, args, metrics: Metrics):
         self.args = args
+        self.media_config = MediaConfig.from_args(args)
         self.metrics = metrics
         self.state = "loading"  # -> ready -> draining, or -> failed; changed on the event loop only
         self.exit_code = 0
@@ -224,6 +231,18 @@ class EmbeddingServer:
         except MatryoshkaError as e:
             raise APIError(400, str(e), param="dimensions") from None
         truncate = req.truncate if req.truncate is not None else self.args.allow_auto_truncate
+        items = parse_items(req.input)
+        if items is not None and engine.processor is not None:
+            return self.prepare_items(req, items, truncate)
+        if items is not None:  # a text-only model takes items that hold text only
+            images = [i for i, (_, image) in enumerate(items) if image is not None]
+            if images:
+                raise APIError(400, f"input[{images[0]}] has an image, but {self.served_model_name} embeds "
+                                    f"text only", param="input", code="images_not_supported")
+            req.input = [t for t, _ in items]
+        if req.instruction is not None:
+            raise APIError(400, "instruction applies to models with a chat template (GME, "
+                                "--chat-template gme-qwen2-vl); use prompt_name for this model", param="instruction")
         texts, sequences = parse_input(req.input)
         text = self._local.text
         try:
@@ -258,6 +277,28 @@ class EmbeddingServer:
         normalize = req.normalize if req.normalize is not None else engine.normalize
         return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order)
 
+    def prepare_items(self, req: EmbeddingRequest, items: list, truncate: bool) -> PreparedEmbedding:
+        """Tokenizer pool: fetch and decode every image (off the event loop), refusing a bad one with a
+        400 that names its item. The model's processor checks the rest on the engine thread before it
+        sends anything to the workers."""
+        if req.prompt_name is not None:
+            raise APIError(400, "prompt_name applies to plain text inputs, not to items", param="prompt_name")
+        loaded = []
+        for i, (text, ref) in enumerate(items):
+            try:
+                image = load_image(ref, self.media_config) if ref is not None else None
+            except MediaError as e:
+                raise APIError(400, f"input[{i}].image: {e}", param="input", code="invalid_image") from None
+            loaded.append(Item(text=text, image=image, instruction=req.instruction))
+        texts = [t for t, _ in items if t is not None]
+        # usage counts the items' text tokens; the queue budget also charges each image's pixels
+        num_tokens = sum(map(len, self._local.text.encode(texts, truncate=True))) if texts else 0
+        budget = num_tokens + sum(img.width * img.height // (28 * 28) for img in
+                                  (item.image for item in loaded) if img is not None)
+        normalize = req.normalize if req.normalize is not None else self.engine.normalize
+        return PreparedEmbedding([], num_tokens, req.dimensions, normalize, req.encoding_format, None,
+                                 loaded, truncate, max(1, budget))
+
     async def wait_for(self, job: Job, request: Request, deadline: float) -> None:
         """Until the job's result, the client's disconnect or the deadline; the last two drop the job."""
         disconnected = asyncio.ensure_future(_wait_for_disconnect(request.receive))
@@ -286,7 +327,10 @@ class EmbeddingServer:
         deadline = loop.time() + self.args.request_timeout
         body = await self.read_body(request)
         prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
-        job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
+        if prepared.items is not None:
+            job = Job([], prepared.budget_tokens, loop.create_future(), prepared.items, prepared.truncate)
+        else:
+            job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
         try:
             self.scheduler.submit(job)
         except QueueFullError as e:
@@ -302,6 +346,9 @@ class EmbeddingServer:
             await self.wait_for(job, request, deadline)
         except ClientDisconnected:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        if isinstance(job.error, ValueError):  # a bad item, found by the model's processor
+            code = "context_length_exceeded" if isinstance(job.error, InputTooLongError) else None
+            raise APIError(400, str(job.error), param="input", code=code)
         if job.error is not None:
             code = "engine_failed" if isinstance(job.error, EngineDeadError) else "server_not_ready"
             raise APIError(503, str(job.error), code=code)
@@ -316,7 +363,7 @@ class EmbeddingServer:
             content = await loop.run_in_executor(self.pool, render_embeddings, *args)
         else:
             content = render_embeddings(*args)
-        self.metrics.inputs.inc(len(job.sequences))
+        self.metrics.inputs.inc(len(vectors))
         self.metrics.prompt_tokens.inc(prepared.num_tokens)
         self.metrics.request_latency.observe(time.perf_counter() - start)
         return Response(content, media_type="application/json")

@@ -314,9 +314,11 @@ class GmeProcessor:
         batch.positions = torch.cat([p.positions for p in prepared], dim=1)  # [3, num_tokens]
         return batch
 
-    def embed(self, engine, items: list) -> torch.Tensor:
+    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
         """float32 [len(items), hidden], pooled as the engine pools (last token), not normalized.
-        Raises ValueError naming the item for a bad image or text, InputTooLongError for a long one."""
+        Raises ValueError naming the item for a bad image or text, InputTooLongError for a long one:
+        a rendered item is never truncated (`truncate` is accepted for the common signature), since
+        cutting it would drop the template's closing tokens that the last-token pooling reads."""
         prepared = []
         for i, item in enumerate(items):
             try:
