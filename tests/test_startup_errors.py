@@ -154,3 +154,10 @@ def test_preset_with_unknown_setting_is_rejected(tmp_path):
     proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--config", str(preset), "--input", "x", "--output", "y"))
     assert proc.returncode != 0
     assert "unknown settings ['no-such-flag']" in proc.stderr
+
+
+def test_chat_template_on_a_model_without_one(mistral, tmp_path):
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--chat-template", "gme-qwen2-vl",
+                            "--input", "x", "--output", str(tmp_path / "y.npy")))
+    assert proc.returncode != 0
+    assert "--chat-template gme-qwen2-vl applies to Qwen2-VL (GME) models" in proc.stderr

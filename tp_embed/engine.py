@@ -117,6 +117,9 @@ class Engine:
         self.model_dir, self.model_name = resolve_model_path(args.model_path)
         self.config = ModelConfig.from_pretrained(self.model_dir, args.tp, args.trust_remote_code,
                                                   args.model_overrides, self.model_name)
+        if args.chat_template is not None and self.config.family != "qwen2_vl":
+            raise ConfigError(f"--chat-template {args.chat_template} applies to Qwen2-VL (GME) models; "
+                              f"{self.model_name} takes no chat template (use prompt_name for instructions)")
         self.device = self.dist.device
         self.dtype = resolve_dtype(args.dtype, self.device)
         t0 = time.perf_counter()
