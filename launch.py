@@ -13,9 +13,9 @@ import argparse
 import logging
 import os
 import signal
-import sys
 
 from tp_embed.args import add_engine_args, add_server_args, parse_with_config
+from tp_embed.distributed import exit_process
 
 logger = logging.getLogger("tp_embed")
 
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

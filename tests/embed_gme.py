@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tp_embed.args import add_engine_args, parse_with_config
-from tp_embed.distributed import destroy_distributed
+from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.items import Item
 
@@ -85,3 +85,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

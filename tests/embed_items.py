@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tp_embed.args import add_engine_args, parse_with_config
-from tp_embed.distributed import destroy_distributed
+from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.items import Item
 from tp_embed.media import MediaConfig, load_image
@@ -87,3 +87,4 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     main()
+    exit_process(0)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tp_embed.args import add_engine_args, parse_with_config
-from tp_embed.distributed import destroy_distributed
+from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.pooling import truncate_and_normalize
 
@@ -59,3 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

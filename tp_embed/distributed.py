@@ -109,6 +109,19 @@ def destroy_distributed() -> None:
     _STATE = ParallelState(0, 1, 0, 0, 1, None, _STATE.device, "none")
 
 
+def exit_process(code: int) -> None:
+    """Flush and leave without interpreter teardown. After the groups are destroyed, torch's C++
+    threads (gloo's, the TCP store's) can still abort the process from static destructors ("terminate
+    called without an active exception"), turning a finished run into a SIGABRT."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def comm_device() -> torch.device:
     """Where tensors must live to be sent: the GPU for NCCL, host memory for gloo."""
     return _STATE.device if _STATE.backend == "nccl" else torch.device("cpu")

@@ -15,7 +15,7 @@ import numpy as np
 
 from tp_embed.args import add_engine_args, parse_with_config
 from tp_embed.config import ConfigError
-from tp_embed.distributed import destroy_distributed
+from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine, InputTooLongError
 from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
 
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
