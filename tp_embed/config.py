@@ -20,7 +20,7 @@ DECODER_ARCHITECTURES = (
     "Qwen2Model", "Qwen2ForCausalLM", "Qwen3Model", "Qwen3ForCausalLM",
 )
 ENCODER_ARCHITECTURES = (
-    "BertModel", "BertForMaskedLM", "BertForPreTraining",
+    "BertModel", "BertForMaskedLM",
     "XLMRobertaModel", "XLMRobertaForMaskedLM",
 )
 FAMILIES = {**{a: "decoder" for a in DECODER_ARCHITECTURES}, **{a: "encoder" for a in ENCODER_ARCHITECTURES}}
