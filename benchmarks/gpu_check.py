@@ -10,6 +10,8 @@ Steps, each recorded even when a later one fails:
      mixed-length batch, next to transformers' MistralModel (SDPA, padded batches) on the same GPU
   3. the sharded CUDA path at tp = 2 on one GPU (gloo): offline embeddings vs tp = 1, float32 and bf16
   4. FlashInfer vs SDPA on random packed batches (the GPU-marked tests of tests/test_attention.py)
+  5. the batch budget: the startup profiling pass caps an oversized --max-batch-tokens to free memory,
+     and a batch of the capped size runs
 It writes gpu_check.json and gpu_check.md to --out.
 """
 
@@ -196,6 +198,38 @@ def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: i
             "batch_tokens": batch_tokens, "mixed_lens": mixed_lens}
 
 
+def step_batch_budget(work: str) -> dict:
+    """The startup profiling pass caps --max-batch-tokens to free memory, and a batch of the capped
+    size then runs without running out of memory. Two layers of e5-mistral-7b's shape, bf16, asked for
+    a budget far past what fits (4M tokens), 128-token inputs, SDPA (memory linear in batch tokens)."""
+    from tp_embed.args import add_engine_args, parse_with_config
+    from tp_embed.engine import Engine
+
+    shape = dict(E5_MISTRAL_SHAPE, num_hidden_layers=2)
+    shape_dir = write_shape_dir(os.path.join(work, "e5-mistral-2-layers"), shape)
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    requested = 4_000_000
+    args = parse_with_config(p, ["--model-path", shape_dir, "--load-format", "dummy", "--dtype", "bfloat16",
+                                 "--device", "cuda", "--attention-backend", "sdpa",
+                                 "--max-batch-tokens", str(requested), "--max-batch-seqs", "1000000"])
+    engine = Engine(args, show_progress=False)
+    budget = engine.max_batch_tokens
+    seq_len = 128
+    seqs = [[1] * seq_len] * (budget // seq_len)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine.forward_pooled(seqs)
+    torch.cuda.synchronize()
+    result = {"requested_tokens": requested, "capped_tokens": budget, "batch_tokens_run": len(seqs) * seq_len,
+              "seconds": time.perf_counter() - t0, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+              "total_gib": torch.cuda.get_device_properties(0).total_memory / 2 ** 30}
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def _uses_flashinfer(engine) -> bool:
     from tp_embed.layers.attention import use_flashinfer
     return use_flashinfer(engine.device, engine.config.head_dim, engine.dtype, engine.attention_backend)
@@ -222,6 +256,11 @@ def markdown(result: dict) -> str:
             mfu = f"{100 * ours['mfu']:.1f}%" if "mfu" in ours else "n/a"
             lines.append(f"| {ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {mfu} | "
                          f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+    budget = result.get("batch_budget")
+    if budget:
+        lines += ["", f"Batch budget: asked {budget['requested_tokens']:,} tokens, the profiling pass capped it "
+                      f"to {budget['capped_tokens']:,}; a batch of {budget['batch_tokens_run']:,} tokens then ran "
+                      f"in {budget['seconds']:.1f} s, peak {budget['peak_gib']:.1f} of {budget['total_gib']:.0f} GiB"]
     for key, value in result.items():
         if key.endswith("_error"):
             lines += ["", f"{key}: {value.splitlines()[-1] if value else value}"]
@@ -236,7 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per batch (default 16384)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per point (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed batches per point (default 5)")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: flashinfer,tp2,throughput")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: throughput,tp2,flashinfer,budget")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU", file=sys.stderr)
@@ -249,8 +288,10 @@ def main(argv=None) -> int:
     steps = [("environment", step_environment),
              ("throughput", lambda: step_throughput(work, args.seq_lens, args.batch_tokens, args.warmup, args.iters)),
              ("tp2_one_gpu", lambda: step_tp2_one_gpu(work)),
-             ("flashinfer_tests", step_flashinfer_tests)]
-    names = {"flashinfer_tests": "flashinfer", "tp2_one_gpu": "tp2", "throughput": "throughput"}
+             ("flashinfer_tests", step_flashinfer_tests),
+             ("batch_budget", lambda: step_batch_budget(work))]
+    names = {"flashinfer_tests": "flashinfer", "tp2_one_gpu": "tp2", "throughput": "throughput",
+             "batch_budget": "budget"}
     for name, fn in steps:
         if names.get(name) in skip:
             continue

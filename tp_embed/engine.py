@@ -129,11 +129,11 @@ class Engine:
         else:
             self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
         self.load_seconds = time.perf_counter() - t0
+        self.attention_backend = args.attention_backend
         self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
         if self.device.type == "cuda":
             self.max_batch_tokens = self.fit_batch_to_memory(self.max_batch_tokens)
         self.max_batch_seqs = args.max_batch_seqs
-        self.attention_backend = args.attention_backend
         self.st = SentenceTransformersConfig.read(self.model_dir)
         decoder_like = self.config.family in ("decoder", "qwen2_vl")
         self.pooling = args.pooling or self.st.pooling or ("last" if decoder_like else "cls")
@@ -157,8 +157,9 @@ class Engine:
         """The profiling pass, on every rank at once with the same dummy batch: run `probe_tokens`
         tokens, measure the peak memory the forward pass adds per token, and cap the batch budget so a
         full batch fits in what is free after loading. The ranks agree on the smallest budget."""
-        seq_len = min(probe_tokens, self.config.max_input_tokens)
-        num_seqs = max(1, probe_tokens // seq_len)
+        # several sequences, so the probe takes the packed path that full batches take
+        seq_len = min(256, self.config.max_input_tokens)
+        num_seqs = max(2, probe_tokens // seq_len)
         batch = Batch.from_token_ids([[0] * seq_len] * num_seqs, self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
