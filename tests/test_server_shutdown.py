@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import numpy as np
 
 from server_utils import ServerProcess, response_vectors
@@ -85,3 +86,16 @@ def test_dead_worker_fails_requests_with_503_and_the_job_exits_nonzero(tiny_mist
         assert server.wait(30) != 0
         assert time.monotonic() - start < 30
         assert "engine failed" in server.log()
+
+
+def test_dead_rank0_takes_the_workers_down(tiny_mistral_dir, tmp_path):
+    """Rank 0 killed: no worker is left blocked in a broadcast; the whole job exits within 30 s."""
+    args = ["--model-path", tiny_mistral_dir, "--tp", "2"]
+    with ServerProcess(args, nproc=2, log_path=tmp_path / "server.log") as server:
+        worker = server.rank_pid(1)
+        os.kill(server.rank_pid(0), signal.SIGKILL)
+        start = time.monotonic()
+        assert server.wait(30) != 0
+        assert time.monotonic() - start < 30
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)  # the worker is gone too
