@@ -60,6 +60,8 @@ def parse_json_body(body: bytes, schema: type[BaseModel]) -> BaseModel:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                        code="invalid_json")
@@ -68,6 +70,8 @@ def parse_json_body(body: bytes, schema: type[BaseModel]) -> BaseModel:
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
+        if param is None:
+            raise APIError(400, f"invalid request body: {err['msg']}") from None
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"unrecognized request argument supplied: {param}", param=param) from None
         if err["type"] == "missing":
@@ -95,6 +99,7 @@ def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:
     if isinstance(raw, str):
         if not raw:
             raise APIError(400, "input must not be an empty string", param="input")
+        check_text(raw, "input")
         return [raw], None
     if not isinstance(raw, list):
         raise APIError(400, f"input must be {shapes}, got {json_kind(raw)}", param="input")
@@ -111,6 +116,7 @@ def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:
                                     f"a list of inputs holds strings only", param="input")
             if not text:
                 raise APIError(400, f"input[{i}] is an empty string", param="input")
+            check_text(text, f"input[{i}]")
         return raw, None
     if isinstance(first, list):
         if len(raw) > MAX_INPUTS:
@@ -149,11 +155,23 @@ def parse_items(raw: object) -> list[tuple[str | None, str | None]] | None:
             value = item.get(key)
             if key in item and (not isinstance(value, str) or not value):
                 raise APIError(400, f"input[{i}].{key} must be a non-empty string", param="input")
+            if key in item:
+                check_text(value, f"input[{i}].{key}")
         if not item:
             raise APIError(400, f"input[{i}] is an empty object; an item needs 'text', 'image' or both",
                            param="input")
         items.append((item.get("text"), item.get("image")))
     return items
+
+
+def check_text(text: str, where: str, param: str = "input") -> None:
+    """JSON can spell a lone UTF-16 surrogate (\\ud800), which is no text a tokenizer takes."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{where} holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), "
+                                f"which is not valid Unicode text", param=param) from None
 
 
 def check_token_ids(sequences: list[list[int]], vocab_size: int, nested: bool) -> None:

@@ -37,7 +37,7 @@ from tp_embed.items import Item
 from tp_embed.media import MediaConfig, MediaError, load_image
 from tp_embed.metrics import Metrics
 from tp_embed.openai_protocol import (APIError, EmbeddingRequest, TokenizeRequest, check_encoding_format,
-                                      check_token_ids, parse_input, parse_items, parse_json_body,
+                                      check_text, check_token_ids, parse_input, parse_items, parse_json_body,
                                       render_embeddings)
 from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
@@ -283,6 +283,8 @@ class EmbeddingServer:
         sends anything to the workers."""
         if req.prompt_name is not None:
             raise APIError(400, "prompt_name applies to plain text inputs, not to items", param="prompt_name")
+        if req.instruction is not None:
+            check_text(req.instruction, "instruction", param="instruction")
         loaded = []
         for i, (text, ref) in enumerate(items):
             try:
@@ -373,6 +375,8 @@ class EmbeddingServer:
         self.check_model(req.model)
         single = isinstance(req.prompt, str)
         texts = [req.prompt] if single else req.prompt
+        for i, t in enumerate(texts):
+            check_text(t, "prompt" if single else f"prompt[{i}]", param="prompt")
         if not texts:
             raise APIError(400, "prompt must not be an empty list", param="prompt")
         text = self._local.text
