@@ -203,11 +203,18 @@ class Engine:
         Sorting by length before packing keeps batches of similar lengths together (less attention
         padding on the SDPA path); results are put back in input order.
         """
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        out = torch.empty(len(sequences), self.hidden_size, dtype=torch.float32)
-        for group in pack_batches([len(sequences[i]) for i in order], self.max_batch_tokens, self.max_batch_seqs):
+        return self.embed_by_length([len(s) for s in sequences],
+                                    lambda idx: self.forward_pooled([sequences[i] for i in idx]))
+
+    def embed_by_length(self, lengths: list[int], run_batch) -> torch.Tensor:
+        """Rank 0: float32 [n, hidden] for n inputs of these token lengths, in input order. Inputs are
+        sorted by length, packed by the batch budget, and each batch's indices go to run_batch, which
+        returns its rows."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        out = torch.empty(len(lengths), self.hidden_size, dtype=torch.float32)
+        for group in pack_batches([lengths[i] for i in order], self.max_batch_tokens, self.max_batch_seqs):
             idx = [order[j] for j in group]
-            out[idx] = self.forward_pooled([sequences[i] for i in idx])
+            out[idx] = run_batch(idx)
         return out
 
     def embed_items(self, items: list, truncate: bool | None = None) -> torch.Tensor:

@@ -93,6 +93,12 @@ def json_kind(value: object) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
+def check_num_inputs(raw: list) -> None:
+    if len(raw) > MAX_INPUTS:
+        raise APIError(400, f"input has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
+                       param="input")
+
+
 def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:
     """(texts, None) or (None, token-id lists) from the four shapes OpenAI accepts."""
     shapes = "a string, a list of strings, a list of token ids or a list of token-id lists"
@@ -107,9 +113,7 @@ def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:
         raise APIError(400, "input must not be an empty list", param="input")
     first = raw[0]
     if isinstance(first, str):
-        if len(raw) > MAX_INPUTS:
-            raise APIError(400, f"input has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
-                           param="input")
+        check_num_inputs(raw)
         for i, text in enumerate(raw):
             if not isinstance(text, str):
                 raise APIError(400, f"input[{i}] is {json_kind(text)}, but input[0] is a string: "
@@ -119,9 +123,7 @@ def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:
             check_text(text, f"input[{i}]")
         return raw, None
     if isinstance(first, list):
-        if len(raw) > MAX_INPUTS:
-            raise APIError(400, f"input has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
-                           param="input")
+        check_num_inputs(raw)
         for i, ids in enumerate(raw):
             if not isinstance(ids, list):
                 raise APIError(400, f"input[{i}] is {json_kind(ids)}, but input[0] is a list of token "
@@ -139,9 +141,7 @@ def parse_items(raw: object) -> list[tuple[str | None, str | None]] | None:
     embedding per item. Returns (text, image reference) per item, or None when `raw` is another shape."""
     if not isinstance(raw, list) or not raw or not isinstance(raw[0], dict):
         return None
-    if len(raw) > MAX_INPUTS:
-        raise APIError(400, f"input has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
-                       param="input")
+    check_num_inputs(raw)
     items = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict):

@@ -22,7 +22,6 @@ from transformers import Qwen2VLImageProcessorPil  # numpy/PIL: needs no torchvi
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, ModelConfig
 from tp_embed.distributed import tp_size
-from tp_embed.engine import pack_batches
 from tp_embed.layers.attention import VarlenAttention
 from tp_embed.layers.linear import (ColumnParallelLinear, RowParallelLinear, loaded_shape, read_rows,
                                     replicated_weight_loader)
@@ -326,10 +325,5 @@ class GmeProcessor:
             except ValueError as e:  # the image processor's, e.g. an aspect ratio over 200
                 raise ValueError(f"item {i}: {e}") from e
         engine.text.check_lengths([p.input_ids for p in prepared])
-        order = sorted(range(len(items)), key=lambda i: len(prepared[i].input_ids))
-        out = torch.empty(len(items), engine.hidden_size, dtype=torch.float32)
-        lengths = [len(prepared[i].input_ids) for i in order]
-        for group in pack_batches(lengths, engine.max_batch_tokens, engine.max_batch_seqs):
-            idx = [order[j] for j in group]
-            out[idx] = engine.forward_batch(self.make_batch([prepared[i] for i in idx]))
-        return out
+        return engine.embed_by_length([len(p.input_ids) for p in prepared],
+                                      lambda idx: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
