@@ -98,9 +98,22 @@ def test_synthetic_texts_deterministic_and_within_bounds():
     assert texts != bs.synthetic_texts(200, 3, 9, seed=8)
     lengths = [len(t.split()) for t in texts]
     assert min(lengths) == 3 and max(lengths) == 9  # bounds reached, never exceeded
-    assert all(t.replace(" ", "").isalpha() and t.islower() for t in texts)
+    assert all(t[0].isupper() and t.endswith(".") for t in texts)  # sentences
+    words = {w.strip(".,").lower() for t in texts for w in t.split()}
+    assert words <= set(bs._COMMON_WORDS) and len(words) > 100
     with pytest.raises(ValueError):
         bs.synthetic_texts(1, 5, 4)
+
+
+def test_synthetic_texts_tokenize_like_prose():
+    # the real model's WordPiece tokenizer: about 1.15 tokens a word, as the docstring says
+    from transformers import AutoTokenizer
+    from tp_embed.model_path import default_model_dir
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    texts = bs.synthetic_texts(300, 5, 200, seed=0)
+    num_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    num_words = sum(len(t.split()) for t in texts)
+    assert 1.05 < num_tokens / num_words < 1.3
 
 
 def test_request_indices_wrap_around():
