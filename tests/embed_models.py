@@ -19,6 +19,7 @@ import torch
 from tp_embed.args import add_engine_args, parse_with_config
 from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
+from tp_embed.layers.linear import named_weights
 from tp_embed.pooling import truncate_and_normalize
 
 
@@ -35,8 +36,9 @@ def main() -> None:
         args = parse_with_config(p, ["--tp", str(spec["tp"])] + model["flags"])
         engine = Engine(args, show_progress=False)
         name = os.path.join(out_dir, model["name"])
-        layer_bytes = sum(t.numel() * t.element_size() for n, t in engine.model.named_parameters() if ".layers." in f".{n}")
-        total_bytes = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+        weights = list(named_weights(engine.model))  # oneDNN-packed copies included
+        layer_bytes = sum(t.numel() * t.element_size() for n, t in weights if ".layers." in f".{n}")
+        total_bytes = sum(t.numel() * t.element_size() for _, t in weights)
         with open(f"{name}.rank{engine.dist.tp_rank}.json", "w") as f:
             json.dump({"layer_param_bytes": layer_bytes, "param_bytes": total_bytes, **engine.load_stats}, f)
         if not engine.is_driver:

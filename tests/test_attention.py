@@ -38,21 +38,25 @@ def reference(q, k, v, cu, causal):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (8, 2, 16), (4, 1, 64)])
 @pytest.mark.parametrize("lens", [[5], [1, 7, 3, 12], [9, 9]])
-def test_sdpa_matches_reference(causal, heads, kv_heads, head_dim, lens):
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])
+def test_sdpa_matches_reference(causal, heads, kv_heads, head_dim, lens, per_sequence):
     q, k, v, cu = random_packed(lens, heads, kv_heads, head_dim, torch.float32, "cpu")
-    attn = VarlenAttention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.float32, backend="sdpa")
+    attn = VarlenAttention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.float32, backend="sdpa",
+                           per_sequence=per_sequence)
     out = attn(q, k, v)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, cu, causal), atol=1e-5, rtol=1e-5)
 
 
-def test_sequences_do_not_see_each_other():
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])
+def test_sequences_do_not_see_each_other(per_sequence):
     q, k, v, cu = random_packed([4, 6], 2, 2, 16, torch.float32, "cpu")
-    alone = VarlenAttention(cu[:2], 4, 2, 2, 16, False, torch.float32, "sdpa")(q[:4], k[:4], v[:4])
+    alone = VarlenAttention(cu[:2], 4, 2, 2, 16, False, torch.float32, "sdpa",
+                            per_sequence=per_sequence)(q[:4], k[:4], v[:4])
     k2, v2 = k.clone(), v.clone()
     k2[4:] += 10.0  # changing the second sequence must not move the first one's output
     v2[4:] -= 3.0
-    packed = VarlenAttention(cu, 6, 2, 2, 16, False, torch.float32, "sdpa")(q, k2, v2)
+    packed = VarlenAttention(cu, 6, 2, 2, 16, False, torch.float32, "sdpa", per_sequence=per_sequence)(q, k2, v2)
     torch.testing.assert_close(packed[:4], alone, atol=1e-6, rtol=1e-6)
 
 

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig, resolve_dtype
 from tp_embed.distributed import all_reduce_min, init_distributed
+from tp_embed.layers.linear import onednn_available, prepack_linears
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
 from tp_embed.models import build_model, build_processor
@@ -129,6 +130,11 @@ class Engine:
         else:
             self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
         self.load_seconds = time.perf_counter() - t0
+        self.cpu_matmul = "torch"
+        if (self.device.type == "cpu" and self.dtype == torch.float32 and args.cpu_matmul == "onednn"
+                and onednn_available()):
+            prepack_linears(self.model)
+            self.cpu_matmul = "onednn"
         self.attention_backend = args.attention_backend
         self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
         if self.device.type == "cuda":

@@ -4,9 +4,11 @@ Sequences are packed end to end; `cu_seqlens` [B+1] marks their boundaries. `Var
 built once per batch (FlashInfer plans its kernel there) and called once per layer with
 q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim].
 
-On CUDA with a head dim FlashInfer supports: FlashInfer's ragged prefill. Everywhere else (CPU, head dim
-32 as in all-MiniLM-L6-v2): PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim]
-view with a mask that keeps every sequence to itself. Both compute the same function.
+On CUDA with a head dim FlashInfer supports: FlashInfer's ragged prefill. Other CUDA cases (head dim 32 as
+in all-MiniLM-L6-v2): PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim] view with
+a mask that keeps every sequence to itself. On the CPU: SDPA one sequence at a time, with no padding and
+no mask (a padded batch computes every sequence at the longest one's length). All compute the same
+function.
 """
 
 import torch
@@ -42,7 +44,8 @@ class VarlenAttention:
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, causal: bool, dtype: torch.dtype, backend: str = "auto",
-                 scale: float | None = None):
+                 scale: float | None = None, per_sequence: bool | None = None):
+        """per_sequence: SDPA one sequence at a time instead of on the padded batch (default: on the CPU)."""
         self.causal = causal
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -56,6 +59,10 @@ class VarlenAttention:
             indptr = cu_seqlens.to(torch.int32)
             self.wrapper.plan(indptr, indptr, num_heads, num_kv_heads, head_dim, causal=causal,
                               sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
+            return
+        self.per_sequence = device.type == "cpu" if per_sequence is None else per_sequence
+        if self.per_sequence:
+            self.bounds = cu_seqlens.tolist()
             return
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         self.num_seqs = lens.numel()
@@ -74,6 +81,14 @@ class VarlenAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.flashinfer:
             return self.wrapper.run(q, k, v)
+        if self.per_sequence:
+            bounds = self.bounds
+            if len(bounds) == 2:
+                return self._one(q, k, v)
+            out = torch.empty_like(q)
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                out[start:end] = self._one(q[start:end], k[start:end], v[start:end])
+            return out
         gqa = self.num_heads != self.num_kv_heads
         if self.num_seqs == 1:
             # [1, heads, T, head_dim]
@@ -84,6 +99,13 @@ class VarlenAttention:
         o = F.scaled_dot_product_attention(self._pad(q), self._pad(k), self._pad(v), attn_mask=self.mask,
                                            scale=self.scale, enable_gqa=gqa)  # [B, heads, L, head_dim]
         return o.transpose(1, 2)[self.seq_idx, self.pos_idx]
+
+    def _one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence on the CPU: q [L, heads, head_dim], k/v [L, kv_heads, head_dim]."""
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], is_causal=self.causal, scale=self.scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return o[0].transpose(0, 1)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         padded = x.new_zeros(self.num_seqs, self.max_seqlen, x.shape[1], x.shape[2])

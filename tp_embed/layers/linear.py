@@ -4,6 +4,11 @@ Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that cuts
 checkpoint tensor. `loaded` is either a torch tensor or a safetensors slice (`safe_open(...).get_slice`):
 both index with `loaded[a:b]` / `loaded[:, a:b]`, so a rank reads only its own rows or columns and never
 the whole tensor.
+
+On the CPU in float32, `prepack_linears` packs every linear layer's weight once into oneDNN's blocked
+layout, and the layers then multiply with oneDNN with the bias, a GELU and a residual add done in the
+same call (about 1.1x MKL's F.linear on the matrix shapes of all-MiniLM-L6-v2 on an AVX-512 CPU;
+`--cpu-matmul torch` keeps F.linear).
 """
 
 import torch
@@ -38,12 +43,71 @@ def replicated_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None
     param.data.copy_(read_all(loaded))
 
 
-class ColumnParallelLinear(nn.Module):
-    """Y = XA + b. A is split along its output dimension, A = [A_1, ..., A_p]; rank i holds A_i and b_i
-    and computes Y_i = X A_i + b_i. No communication: the next layer consumes the split output."""
+# transformers' activation name -> oneDNN's GELU algorithm, for the activations a layer can fuse
+FUSABLE_ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
 
-    def __init__(self, input_size: int, output_size: int, bias: bool):
+
+def onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PackedLinear(nn.Module):
+    """What the tensor-parallel linear layers share: an optional oneDNN-packed copy of the weight.
+
+    After `prepack`, `matmul(x, bias)` runs oneDNN's fp32 matmul on the packed weight, and the plain
+    weight's storage is released (the packed copy is the only one kept)."""
+
+    packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + bias, then the activation (a FUSABLE_ACTIVATIONS name), then + residual."""
+        if self.packed is not None:
+            if residual is not None and activation is None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, bias, "add")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "gelu" if activation else "none", [],
+                                                   FUSABLE_ACTIVATIONS[activation] if activation else "")
+        else:
+            y = F.linear(x, self.weight, bias)
+            if activation is not None:
+                y = F.gelu(y, approximate=FUSABLE_ACTIVATIONS[activation])
+        return y if residual is None else y + residual
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Pack the weight of every tensor-parallel linear layer for oneDNN (CPU, float32); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.weight.dtype == torch.float32
+              and m.weight.device.type == "cpu"]
+    for m in layers:
+        m.prepack()
+    return len(layers)
+
+
+def named_weights(model: nn.Module):
+    """(name, tensor) for every parameter of `model`; a packed layer's oneDNN copy stands in for its
+    released weight, so sizes add up to what the rank holds."""
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name == "weight" and isinstance(module, PackedLinear) and module.packed is not None:
+                param = module.packed
+            yield (f"{module_name}.{name}" if module_name else name), param
+
+
+class ColumnParallelLinear(PackedLinear):
+    """Y = XA + b. A is split along its output dimension, A = [A_1, ..., A_p]; rank i holds A_i and b_i
+    and computes Y_i = X A_i + b_i. No communication: the next layer consumes the split output.
+    `activation`, a FUSABLE_ACTIVATIONS name, is applied to Y_i in the same call where oneDNN runs it."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, activation: str | None = None):
         super().__init__()
+        if activation is not None and activation not in FUSABLE_ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} cannot be fused; use one of {list(FUSABLE_ACTIVATIONS)}")
+        self.activation = activation
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.input_size = input_size
         self.output_size_per_partition = output_size // self.tp_size
@@ -61,7 +125,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(read_rows(loaded, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias, self.activation)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -107,7 +171,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data[offset:offset + size].copy_(read_rows(loaded, start, size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackedLinear):
     """Y = XA + b. A is split along its input dimension, A = [A_1; ...; A_p], and X along its last
     dimension; rank i computes X_i A_i and the partial sums are all-reduced. b is added once, after."""
 
@@ -128,11 +192,14 @@ class RowParallelLinear(nn.Module):
         cols = param.shape[1]
         param.data.copy_(read_cols(loaded, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """XA + b, plus `residual` when given (one oneDNN call at tp = 1)."""
+        if self.tp_size == 1:
+            return self.matmul(x, self.bias, residual=residual)
+        y = all_reduce(self.matmul(x, None))
         if self.bias is not None:
             y = y + self.bias
-        return y
+        return y if residual is None else y + residual
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -11,8 +11,8 @@ from transformers.activations import ACT2FN
 from tp_embed.batch import Batch
 from tp_embed.config import ModelConfig
 from tp_embed.layers.attention import VarlenAttention
-from tp_embed.layers.linear import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                    VocabParallelEmbedding, replicated_weight_loader)
+from tp_embed.layers.linear import (FUSABLE_ACTIVATIONS, ColumnParallelLinear, QKVParallelLinear,
+                                    RowParallelLinear, VocabParallelEmbedding, replicated_weight_loader)
 from tp_embed.layers.norm import LayerNorm
 
 
@@ -53,21 +53,24 @@ class BertAttention(nn.Module):
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).view(num_tokens, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
         o = attn(q, k, v)  # [num_tokens, local_heads, head_dim]
-        return self.LayerNorm(x + self.dense(o.reshape(num_tokens, cfg.q_size)))
+        return self.LayerNorm(self.dense(o.reshape(num_tokens, cfg.q_size), residual=x))
 
 
 class BertLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention = BertAttention(cfg)
-        self.intermediate = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.act = ACT2FN[cfg.hidden_act]  # exact (erf) GELU for BERT's "gelu"
+        # BERT's "gelu" is the exact (erf) GELU: the intermediate layer applies it itself (fused on oneDNN)
+        fused = cfg.hidden_act if cfg.hidden_act in FUSABLE_ACTIVATIONS else None
+        self.intermediate = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=True,
+                                                 activation=fused)
+        self.act = nn.Identity() if fused else ACT2FN[cfg.hidden_act]
         self.output = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True)
         self.output_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
         x = self.attention(x, attn)
-        return self.output_norm(x + self.output(self.act(self.intermediate(x))))
+        return self.output_norm(self.output(self.act(self.intermediate(x)), residual=x))
 
 
 class BertModel(nn.Module):
