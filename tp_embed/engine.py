@@ -130,11 +130,9 @@ class Engine:
         else:
             self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
         self.load_seconds = time.perf_counter() - t0
-        self.cpu_matmul = "torch"
-        if (self.device.type == "cpu" and self.dtype == torch.float32 and args.cpu_matmul == "onednn"
-                and onednn_available()):
-            prepack_linears(self.model)
-            self.cpu_matmul = "onednn"
+        # prepack_linears takes the float32 layers on the CPU only: elsewhere nothing is packed
+        packed = args.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0
+        self.cpu_matmul = "onednn" if packed else "torch"
         self.attention_backend = args.attention_backend
         self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
         if self.device.type == "cuda":

@@ -89,19 +89,15 @@ class VarlenAttention:
             for start, end in zip(bounds[:-1], bounds[1:]):
                 out[start:end] = self._one(q[start:end], k[start:end], v[start:end])
             return out
-        gqa = self.num_heads != self.num_kv_heads
         if self.num_seqs == 1:
-            # [1, heads, T, head_dim]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                               v.transpose(0, 1)[None], is_causal=self.causal,
-                                               scale=self.scale, enable_gqa=gqa)
-            return o[0].transpose(0, 1)
+            return self._one(q, k, v)
         o = F.scaled_dot_product_attention(self._pad(q), self._pad(k), self._pad(v), attn_mask=self.mask,
-                                           scale=self.scale, enable_gqa=gqa)  # [B, heads, L, head_dim]
+                                           scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        # o: [B, heads, L, head_dim]
         return o.transpose(1, 2)[self.seq_idx, self.pos_idx]
 
     def _one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One sequence on the CPU: q [L, heads, head_dim], k/v [L, kv_heads, head_dim]."""
+        """One sequence, no mask beyond the causal one: q [L, heads, head_dim], k/v [L, kv_heads, head_dim]."""
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                            v.transpose(0, 1)[None], is_causal=self.causal, scale=self.scale,
                                            enable_gqa=q.shape[1] != k.shape[1])
