@@ -5,10 +5,11 @@ checkpoint tensor. `loaded` is either a torch tensor or a safetensors slice (`sa
 both index with `loaded[a:b]` / `loaded[:, a:b]`, so a rank reads only its own rows or columns and never
 the whole tensor.
 
-On the CPU in float32, `prepack_linears` packs every linear layer's weight once into oneDNN's blocked
-layout, and the layers then multiply with oneDNN with the bias, a GELU and a residual add done in the
-same call (about 1.1x MKL's F.linear on the matrix shapes of all-MiniLM-L6-v2 on an AVX-512 CPU;
-`--cpu-matmul torch` keeps F.linear).
+With `--cpu-matmul onednn` (CPU, float32), `prepack_linears` packs every linear layer's weight once into
+oneDNN's blocked layout, and the layers then multiply with oneDNN with the bias, a GELU and a residual add
+done in the same call (about 1.1x MKL's F.linear on the matrix shapes of all-MiniLM-L6-v2 on an AVX-512
+CPU). oneDNN caches a compiled primitive per input shape, so rank 0's memory grows with the variety of
+batch sizes; the default, `torch`, keeps F.linear.
 """
 
 import torch
