@@ -10,13 +10,15 @@ which forwards it) drains the queue, stops the workers and exits 0 on every rank
 """
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
 
+import torch
+
 from tp_embed.args import add_engine_args, add_server_args, parse_with_config
 from tp_embed.distributed import exit_process
+from tp_embed.host_allocator import setup_host_allocator
 
 logger = logging.getLogger("tp_embed")
 
@@ -54,24 +56,17 @@ def run_worker(args) -> int:
     return 0
 
 
-def return_freed_memory_to_the_os(threshold: int = 128 * 1024) -> None:
-    """glibc's malloc raises its mmap threshold as large blocks are freed, then serves them from heaps
-    it never gives back: under a 64-client soak rank 0's RSS grew 45-97% in 60-180 s. A fixed threshold
-    keeps large buffers (request bodies, tensors, responses) in mmap, returned on free (+1.5%)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    M_MMAP_THRESHOLD = -3
-    libc.mallopt(M_MMAP_THRESHOLD, threshold)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return_freed_memory_to_the_os()
     args = parse_with_config(build_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    logger.info("rank %d of %d: pid %d", rank, world_size, os.getpid())
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    try:
+        allocator = setup_host_allocator(args.host_allocator, on_cpu)  # may re-execute this rank
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    logger.info("rank %d of %d: pid %d, %s malloc", rank, world_size, os.getpid(), allocator)
     if rank != 0:
         return run_worker(args)
     from tp_embed.distributed import destroy_distributed
