@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tp_embed.layers import attention
 from tp_embed.layers.attention import VarlenAttention, flashinfer_available
 
 
@@ -46,6 +47,20 @@ def test_sdpa_matches_reference(causal, heads, kv_heads, head_dim, lens, per_seq
     out = attn(q, k, v)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, cu, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_short_and_long_sequences_on_the_cpu(causal, monkeypatch):
+    """Per sequence on the CPU, short float32 sequences take two matmuls and long ones SDPA: both paths,
+    side by side in one batch, match the reference, and SDPA alone gives the same."""
+    lens = [40, 300, 3]  # x 32 head dims: 1280 and 96 elements are short, 9600 is long
+    assert 40 * 32 <= attention.SHORT_SEQUENCE_ELEMENTS < 300 * 32
+    q, k, v, cu = random_packed(lens, 4, 4, 32, torch.float32, "cpu", seed=3)
+    attn = VarlenAttention(cu, max(lens), 4, 4, 32, causal, torch.float32, backend="sdpa", per_sequence=True)
+    out = attn(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu, causal), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(attention, "SHORT_SEQUENCE_ELEMENTS", 0)  # SDPA for every sequence
+    torch.testing.assert_close(attn(q, k, v), out, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from tp_embed.args import add_engine_args, parse_with_config
 from tp_embed.engine import Engine
-from tp_embed.layers.linear import (ColumnParallelLinear, RowParallelLinear, named_weights, onednn_available,
-                                    prepack_linears)
+from tp_embed.layers.linear import (ColumnParallelLinear, RowParallelLinear, bucket_rows, named_weights,
+                                    onednn_available, prepack_linears)
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch is built without oneDNN")
 
@@ -47,6 +47,29 @@ def test_row_layer_packed_equals_f_linear(with_residual, bias):
     torch.testing.assert_close(layer(x, residual=residual), y)
     prepack_linears(layer)
     torch.testing.assert_close(layer(x, residual=residual), y, atol=1e-5, rtol=1e-5)
+
+
+def test_bucket_rows_bounds_the_shapes_and_the_padding():
+    sizes = [bucket_rows(n) for n in range(1, 8193)]
+    assert all(b >= n for n, b in enumerate(sizes, 1))
+    assert sizes == sorted(sizes)  # more rows never run at a smaller size
+    assert all(b - n < 8 for n, b in enumerate(sizes[:256], 1))
+    assert all(b <= n * 9 / 8 for n, b in enumerate(sizes, 1) if n > 256)
+    assert len(set(sizes)) == 72  # kernels oneDNN compiles, at most, per weight shape
+    assert all(bucket_rows(b) == b for b in set(sizes))
+
+
+@pytest.mark.parametrize("shape", [(300,), (2, 45), (256,)])
+def test_packed_layers_take_any_row_count_and_leading_shape(shape):
+    """Rows are padded to bucket_rows and the padding cut off again: 300 runs at 320, 2 x 45 at 96."""
+    column = filled(ColumnParallelLinear(48, 80, bias=True, activation="gelu"), 5)
+    row = filled(RowParallelLinear(80, 48, bias=True), 6)
+    x = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(7))
+    expected = row(column(x), residual=x)
+    prepack_linears(column), prepack_linears(row)
+    out = row(column(x), residual=x)
+    assert out.shape == (*shape, 48)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_activation_is_refused():

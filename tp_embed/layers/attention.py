@@ -6,8 +6,9 @@ q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim].
 
 On CUDA with a head dim FlashInfer supports: FlashInfer's ragged prefill. Other CUDA cases (head dim 32 as
 in all-MiniLM-L6-v2): PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim] view with
-a mask that keeps every sequence to itself. On the CPU: SDPA one sequence at a time, with no padding and
-no mask (a padded batch computes every sequence at the longest one's length). All compute the same
+a mask that keeps every sequence to itself. On the CPU: one sequence at a time, with no padding and no
+mask (a padded batch computes every sequence at the longest one's length), short float32 sequences as two
+batched matmuls and a softmax, longer ones with SDPA. All compute the same
 function.
 """
 
@@ -15,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
+# CPU float32: a sequence with L x head_dim at most this takes two matmuls and a softmax instead of SDPA
+# (at 12 heads of 32: 1.4x faster at L = 117, 1.1x at 256, slower from 384; at 32 heads of 128, causal:
+# faster at 64, slower at 256)
+SHORT_SEQUENCE_ELEMENTS = 8192
 _WORKSPACES: dict = {}
 
 
@@ -98,6 +103,14 @@ class VarlenAttention:
 
     def _one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One sequence, no mask beyond the causal one: q [L, heads, head_dim], k/v [L, kv_heads, head_dim]."""
+        seq_len, num_heads, head_dim = q.shape
+        if (q.device.type == "cpu" and q.dtype == torch.float32 and num_heads == k.shape[1]
+                and seq_len * head_dim <= SHORT_SEQUENCE_ELEMENTS):
+            # two batched matmuls over the heads beat SDPA's flash kernel on short sequences
+            scores = torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0)).mul_(self.scale)  # [heads, L, L]
+            if self.causal:
+                scores.masked_fill_(torch.ones(seq_len, seq_len, dtype=torch.bool).triu_(1), float("-inf"))
+            return torch.bmm(scores.softmax(-1), v.transpose(0, 1)).transpose(0, 1)  # [L, heads, head_dim]
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                            v.transpose(0, 1)[None], is_causal=self.causal, scale=self.scale,
                                            enable_gqa=q.shape[1] != k.shape[1])

@@ -5,11 +5,11 @@ checkpoint tensor. `loaded` is either a torch tensor or a safetensors slice (`sa
 both index with `loaded[a:b]` / `loaded[:, a:b]`, so a rank reads only its own rows or columns and never
 the whole tensor.
 
-With `--cpu-matmul onednn` (CPU, float32), `prepack_linears` packs every linear layer's weight once into
-oneDNN's blocked layout, and the layers then multiply with oneDNN with the bias, a GELU and a residual add
-done in the same call (about 1.1x MKL's F.linear on the matrix shapes of all-MiniLM-L6-v2 on an AVX-512
-CPU). oneDNN caches a compiled primitive per input shape, so rank 0's memory grows with the variety of
-batch sizes; the default, `torch`, keeps F.linear.
+With `--cpu-matmul onednn` (the default; CPU, float32), `prepack_linears` packs every linear layer's weight
+once into oneDNN's blocked layout, and the layers then multiply with oneDNN with the bias, a GELU and a
+residual add done in the same call (1.5x MKL's F.linear on all-MiniLM-L6-v2's matrices at 128 rows on an
+AVX-512 CPU, 1.1-1.3x on the whole forward pass). oneDNN compiles and caches a kernel per input shape, so
+the rows are padded to one of `bucket_rows`' 72 sizes: memory stays bounded whatever the batch sizes.
 """
 
 import torch
@@ -48,6 +48,26 @@ def replicated_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None
 FUSABLE_ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
 
 
+def bucket_rows(num_rows: int) -> int:
+    """The row count a packed matmul runs at: multiples of 8 up to 256 rows, then 8 sizes per doubling
+    (at most 1/8 padding), 72 sizes up to 8192 rows. oneDNN compiles and keeps a kernel per input shape
+    (about 0.5 MB each), so unbucketed batch sizes grew rank 0's memory without bound."""
+    if num_rows <= 256:
+        return -(-num_rows // 8) * 8
+    step = 1 << (num_rows.bit_length() - 4)
+    return -(-num_rows // step) * step
+
+
+def pad_rows(x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """x [m, k] with zero rows appended up to num_rows."""
+    if x.shape[0] == num_rows:
+        return x
+    padded = x.new_empty(num_rows, x.shape[1])
+    padded[:x.shape[0]] = x
+    padded[x.shape[0]:] = 0
+    return padded
+
+
 def onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -69,10 +89,16 @@ class PackedLinear(nn.Module):
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + bias, then the activation (a FUSABLE_ACTIVATIONS name), then + residual."""
         if self.packed is not None:
+            lead, num_rows = x.shape[:-1], x[..., 0].numel()
+            rows = bucket_rows(num_rows)
+            x = pad_rows(x.reshape(num_rows, -1), rows)  # [rows, in_features]
             if residual is not None and activation is None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, bias, "add")
+                residual = pad_rows(residual.reshape(num_rows, -1), rows)
+                y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, bias, "add")
+                return y[:num_rows].view(*lead, -1)
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "gelu" if activation else "none", [],
                                                    FUSABLE_ACTIVATIONS[activation] if activation else "")
+            y = y[:num_rows].view(*lead, -1)
         else:
             y = F.linear(x, self.weight, bias)
             if activation is not None:
