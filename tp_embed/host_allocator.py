@@ -6,7 +6,7 @@ speed and whether memory stays flat under load (docs/performance.md, all-MiniLM-
 - glibc with its defaults raises its mmap threshold as large blocks are freed, then serves them from heaps
   it never gives back: rank 0's RSS grew 45-97% in a 64-client soak.
 - glibc with a fixed 128 KiB mmap threshold keeps memory flat, but every activation is then a fresh mmap,
-  paid for in page faults: the forward pass runs 1.35-1.6x slower than with tcmalloc.
+  paid for in page faults: the forward pass runs 1.3-1.6x slower than with tcmalloc.
 - tcmalloc reuses freed activations and kept RSS within the soak's limit.
 
 A library can only replace malloc from the start of a process, so with tcmalloc chosen and not yet loaded
