@@ -8,7 +8,7 @@ the whole tensor.
 With `--cpu-matmul onednn` (the default; CPU, float32), `prepack_linears` packs every linear layer's weight
 once into oneDNN's blocked layout, and the layers then multiply with oneDNN with the bias, a GELU and a
 residual add done in the same call (1.5x MKL's F.linear on all-MiniLM-L6-v2's matrices at 128 rows on an
-AVX-512 CPU, 1.1-1.3x on the whole forward pass). oneDNN compiles and caches a kernel per input shape, so
+AVX-512 CPU, 1.06-1.27x on the whole forward pass). oneDNN compiles and caches a kernel per input shape, so
 the rows are padded to one of `bucket_rows`' 72 sizes: memory stays bounded whatever the batch sizes.
 """
 
