@@ -8,8 +8,7 @@ On CUDA with a head dim FlashInfer supports: FlashInfer's ragged prefill. Other 
 in all-MiniLM-L6-v2): PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim] view with
 a mask that keeps every sequence to itself. On the CPU: one sequence at a time, with no padding and no
 mask (a padded batch computes every sequence at the longest one's length), short float32 sequences as two
-batched matmuls and a softmax, longer ones with SDPA. All compute the same
-function.
+batched matmuls and a softmax, longer ones with SDPA. All compute the same function.
 """
 
 import torch
@@ -50,7 +49,7 @@ class VarlenAttention:
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, causal: bool, dtype: torch.dtype, backend: str = "auto",
                  scale: float | None = None, per_sequence: bool | None = None):
-        """per_sequence: SDPA one sequence at a time instead of on the padded batch (default: on the CPU)."""
+        """per_sequence: attend one sequence at a time instead of on the padded batch (default: on the CPU)."""
         self.causal = causal
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -113,7 +112,7 @@ class VarlenAttention:
             return torch.bmm(scores.softmax(-1), v.transpose(0, 1)).transpose(0, 1)  # [L, heads, head_dim]
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                            v.transpose(0, 1)[None], is_causal=self.causal, scale=self.scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+                                           enable_gqa=num_heads != k.shape[1])
         return o[0].transpose(0, 1)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
