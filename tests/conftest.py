@@ -9,6 +9,13 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # tests/ helpers and launch.py import as plain modules
 
 
+def pytest_sessionstart(session):
+    """Compile the CPU attention kernel once, here, before tests start ranks that would each compile it
+    at the same time (it is cached per host; a failed build leaves the ranks on PyTorch's ops)."""
+    from tp_embed.kernels import load_cpu_attention
+    load_cpu_attention()
+
+
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tmp_path_factory) -> str:
     """A random MistralForCausalLM (hidden 64, 8 heads, 2 KV heads so tp=2 splits them, 2 layers) with

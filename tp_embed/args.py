@@ -44,6 +44,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "fuses bias, GELU and residual, with batch rows padded to one of 72 sizes so that "
                         "its per-shape kernels stay bounded (1.06-1.27x faster); torch calls F.linear "
                         "(default onednn)")
+    g.add_argument("--cpu-attention", default="auto", choices=["auto", "kernel", "torch"],
+                   help="attention on the CPU in float32: kernel compiles tp-embed's C++ kernel for this "
+                        "CPU on first use (cached under ~/.cache/tp_embed/kernels; needs a C++ compiler) and "
+                        "attends every sequence and head in one call; torch uses PyTorch's matmuls and SDPA "
+                        "per sequence; auto takes the kernel when it builds, else torch with a warning "
+                        "(default auto)")
     g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="safetensors: read the checkpoint; dummy: random weights of the model's shape "
                         "(benchmarks; only config.json and the tokenizer are read)")

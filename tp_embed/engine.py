@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig, resolve_dtype
 from tp_embed.distributed import all_reduce_min, init_distributed
+from tp_embed.kernels import load_cpu_attention
 from tp_embed.layers.linear import onednn_available, prepack_linears
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
@@ -133,7 +134,7 @@ class Engine:
         # prepack_linears takes the float32 layers on the CPU only: elsewhere nothing is packed
         packed = args.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0
         self.cpu_matmul = "onednn" if packed else "torch"
-        self.attention_backend = args.attention_backend
+        self.attention_backend = self.choose_attention(args)
         self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
         if self.device.type == "cuda":
             self.max_batch_tokens = self.fit_batch_to_memory(self.max_batch_tokens)
@@ -155,6 +156,23 @@ class Engine:
             self.text.max_length = self.max_batch_tokens
         # multimodal families bring a processor for images (None: text only)
         self.processor = build_processor(self) if self.is_driver else None
+
+    def choose_attention(self, args) -> str:
+        """--attention-backend, or "cpu_kernel" where --cpu-attention lets the compiled CPU kernel take it."""
+        wanted = getattr(args, "cpu_attention", "torch")
+        if (self.device.type != "cpu" or self.dtype != torch.float32 or args.attention_backend != "auto"
+                or wanted == "torch"):
+            return args.attention_backend
+        error = load_cpu_attention()
+        if error is None:
+            return "cpu_kernel"
+        if wanted == "kernel":
+            raise ConfigError(f"--cpu-attention kernel: the CPU attention kernel could not be built: {error}")
+        if self.is_driver:
+            logger.warning("the CPU attention kernel could not be built (%s); attending with PyTorch's ops, "
+                           "which are slower on short inputs (install a C++ compiler, or pass "
+                           "--cpu-attention torch to silence this)", error)
+        return args.attention_backend
 
     @torch.inference_mode()
     def fit_batch_to_memory(self, requested: int, probe_tokens: int = 2048) -> int:

@@ -6,7 +6,9 @@ q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim].
 
 On CUDA with a head dim FlashInfer supports: FlashInfer's ragged prefill. Other CUDA cases (head dim 32 as
 in all-MiniLM-L6-v2): PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim] view with
-a mask that keeps every sequence to itself. On the CPU: one sequence at a time, with no padding and no
+a mask that keeps every sequence to itself. On the CPU with backend "cpu_kernel" (the engine's choice
+when `tp_embed.kernels` compiled it; float32, head dim a multiple of 16): the compiled kernel, every
+sequence and head in one call, no padding. Other CPU cases: one sequence at a time, with no padding and no
 mask (a padded batch computes every sequence at the longest one's length), short float32 sequences as two
 batched matmuls and a softmax, longer ones with SDPA. All compute the same function.
 """
@@ -30,8 +32,13 @@ def flashinfer_available() -> bool:
     return True
 
 
+def use_cpu_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, backend: str) -> bool:
+    """The compiled CPU kernel takes float32 with head dims in whole vectors of 16."""
+    return backend == "cpu_kernel" and device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0
+
+
 def use_flashinfer(device: torch.device, head_dim: int, dtype: torch.dtype, backend: str = "auto") -> bool:
-    if backend == "sdpa":
+    if backend in ("sdpa", "cpu_kernel"):
         return False
     ok = device.type == "cuda" and head_dim in FLASHINFER_HEAD_DIMS and dtype in (torch.float16, torch.bfloat16)
     if backend == "flashinfer":
@@ -54,6 +61,11 @@ class VarlenAttention:
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         device = cu_seqlens.device
+        self.cpu_kernel = use_cpu_kernel(device, head_dim, dtype, backend)
+        if self.cpu_kernel:
+            self.cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+            self.flashinfer = False
+            return
         self.flashinfer = use_flashinfer(device, head_dim, dtype, backend)
         if self.flashinfer:
             import flashinfer
@@ -83,6 +95,11 @@ class VarlenAttention:
         self.mask = mask
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel:
+            q, k, v = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (q, k, v))
+            out = torch.empty(q.shape, dtype=q.dtype)
+            torch.ops.tp_embed.varlen_attention(q, k, v, self.cu_seqlens, self.causal, self.scale, out)
+            return out
         if self.flashinfer:
             return self.wrapper.run(q, k, v)
         if self.per_sequence:
