@@ -185,3 +185,21 @@ def test_reference_is_softmax_attention():
     p = w / (w + 1)
     out = reference(q, k, v, cu, causal=False)
     assert out[0, 0].tolist() == pytest.approx([p * 1 + (1 - p) * 3, p * 2 + (1 - p) * 4])
+
+
+@pytest.mark.parametrize("backend", ["cpu_kernel", "sdpa"])
+@pytest.mark.parametrize("lens", [[25], [5, 20]])
+def test_rows_past_the_batch_come_back_as_zeros(backend, lens):
+    """A model that pads its rows once for the packed linear layers hands attention more rows than the
+    batch has tokens: the tokens' rows are attended as without padding, the padding rows are zeros."""
+    if backend == "cpu_kernel" and ERROR is not None:
+        pytest.skip(f"CPU attention kernel unavailable: {ERROR}")
+    num_tokens, rows = sum(lens), 32
+    q, k, v, _ = fused_qkv([rows], 4, 4, 32, seed=9)
+    cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    attn = VarlenAttention(cu, max(lens), 4, 4, 32, False, torch.float32, backend=backend)
+    out = attn(q, k, v)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out[:num_tokens].double(), reference(q, k, v, cu.long(), False)[:num_tokens],
+                               atol=2e-6, rtol=1e-5)
+    assert torch.equal(out[num_tokens:], torch.zeros(rows - num_tokens, 4, 32))

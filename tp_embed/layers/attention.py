@@ -64,6 +64,7 @@ class VarlenAttention:
         self.cpu_kernel = use_cpu_kernel(device, head_dim, dtype, backend)
         if self.cpu_kernel:
             self.cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+            self.num_tokens = int(self.cu_seqlens[-1])
             self.flashinfer = False
             return
         self.flashinfer = use_flashinfer(device, head_dim, dtype, backend)
@@ -95,18 +96,25 @@ class VarlenAttention:
         self.mask = mask
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """On the CPU q, k and v may carry rows past the batch's tokens (a model that pads its rows once for
+        the packed linear layers): those rows come back as zeros."""
         if self.cpu_kernel:
-            q, k, v = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (q, k, v))
-            out = torch.empty(q.shape, dtype=q.dtype)
-            torch.ops.tp_embed.varlen_attention(q, k, v, self.cu_seqlens, self.causal, self.scale, out)
+            n, rows = self.num_tokens, q.shape[0]
+            q, k, v = (x[:n] if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x[:n].contiguous()
+                       for x in (q, k, v))
+            out = torch.empty((rows,) + q.shape[1:], dtype=q.dtype)
+            if rows > n:
+                out[n:] = 0
+            torch.ops.tp_embed.varlen_attention(q, k, v, self.cu_seqlens, self.causal, self.scale, out[:n])
             return out
         if self.flashinfer:
             return self.wrapper.run(q, k, v)
         if self.per_sequence:
             bounds = self.bounds
-            if len(bounds) == 2:
+            if len(bounds) == 2 and bounds[1] == q.shape[0]:
                 return self._one(q, k, v)
             out = torch.empty_like(q)
+            out[bounds[-1]:] = 0
             for start, end in zip(bounds[:-1], bounds[1:]):
                 out[start:end] = self._one(q[start:end], k[start:end], v[start:end])
             return out

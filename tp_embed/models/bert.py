@@ -12,7 +12,8 @@ from tp_embed.batch import Batch
 from tp_embed.config import ModelConfig
 from tp_embed.layers.attention import VarlenAttention
 from tp_embed.layers.linear import (FUSABLE_ACTIVATIONS, ColumnParallelLinear, QKVParallelLinear,
-                                    RowParallelLinear, VocabParallelEmbedding, replicated_weight_loader)
+                                    RowParallelLinear, VocabParallelEmbedding, bucket_rows, pad_rows,
+                                    replicated_weight_loader)
 from tp_embed.layers.norm import LayerNorm
 
 
@@ -95,8 +96,13 @@ class BertModel(nn.Module):
 
     def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
         x = self.embeddings(batch)
+        num_tokens = x.shape[0]
+        if self.layers and self.layers[0].attention.qkv_proj.packed is not None:
+            # oneDNN's matmuls run at bucketed row counts: pad once here rather than in every layer (every
+            # op is row-wise but attention, which stops at the batch's tokens)
+            x = pad_rows(x, bucket_rows(num_tokens))
         attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                                self.cfg.num_local_heads, self.cfg.head_dim, False, x.dtype, attention_backend)
         for layer in self.layers:
             x = layer(x, attn)
-        return x
+        return x[:num_tokens]
