@@ -5,11 +5,12 @@
 // [T, Hq, D] contiguous. Each sequence attends to itself only; causal masks keys after the query. Query
 // head h reads key/value head h / (Hq / Hkv) (grouped-query attention).
 //
-// Work is split into (sequence, head, block of query rows) tasks run on ATen's thread pool. A task
-// transposes its keys once, computes the scores of its rows against every key with a register-blocked
-// micro-kernel, takes a row softmax with a polynomial exp, and multiplies by the values. Rows are kept
-// whole (no online softmax): the caller sends only sequences short enough for a block of rows to fit in
-// cache. Vectors are GCC vector extensions of 16 floats: one AVX-512 register, two AVX2, four NEON.
+// Work is split into (sequence, head, up to TASK_ROWS query rows) tasks that ATen's threads take longest
+// first. A task copies its keys out once, transposed, then takes its rows BLOCK_ROWS at a
+// time: the scores against every key with a register-blocked micro-kernel, a row softmax with a
+// polynomial exp, the product with the values. Rows are kept whole (no online softmax): a block's scores
+// take BLOCK_ROWS x length floats per thread (4 MiB at 32K tokens). Vectors are GCC vector extensions of
+// 16 floats: one AVX-512 register, two AVX2, four NEON.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -190,10 +191,10 @@ struct Task {
 };
 
 // One task: query rows [row0, row0 + rows) of one head of one sequence, BLOCK_ROWS at a time after the keys
-// are transposed once into kt [D][kpad].
+// are transposed once into kt [D][kpad]; values are read in place.
 void attend_rows(const Task& t, const float* q, const float* k, const float* v, float* out, const Strides& st,
                  int64_t D, int64_t group, bool causal, float scale, std::vector<float>& kt_buf,
-                 std::vector<float>& v_buf, std::vector<float>& score_buf) {
+                 std::vector<float>& score_buf) {
   const int64_t L = t.len;
   // causal: the task's last row sees keys [0, row0 + rows); the others are never needed
   const int64_t keys_max = causal ? t.row0 + t.rows : L;
@@ -208,11 +209,7 @@ void attend_rows(const Task& t, const float* q, const float* k, const float* v, 
     for (int64_t j = 0; j < keys_max; ++j) row[j] = kh[j * st.k + d];
     for (int64_t j = keys_max; j < kpad; ++j) row[j] = 0.0f;
   }
-  // the values too, into [keys_max][D]: rows of the fused qkv output lie a few KiB apart, which maps them
-  // onto a handful of L1 sets
-  if (static_cast<int64_t>(v_buf.size()) < keys_max * D) v_buf.resize(keys_max * D);
-  for (int64_t j = 0; j < keys_max; ++j) std::memcpy(v_buf.data() + j * D, v + (t.start + j) * st.v + kv_head * D, D * sizeof(float));
-  const float* vh = v_buf.data();
+  const float* vh = v + t.start * st.v + kv_head * D;
   float* scores = score_buf.data();
   int64_t keys[BLOCK_ROWS];
   float inv_sum[BLOCK_ROWS];
@@ -231,9 +228,9 @@ void attend_rows(const Task& t, const float* q, const float* k, const float* v, 
     softmax_rows(scores, kpad, kb, rows, keys, inv_sum);
     // a tile of rows stops at its last row's keys: the earlier rows' probabilities are zero past theirs
     for (int64_t r = 0; r < full; r += MR)
-      pv_rows<MR>(scores + r * kpad, kpad, vh, D, keys[r + MR - 1], D, inv_sum + r, oh + r * st.out, st.out);
+      pv_rows<MR>(scores + r * kpad, kpad, vh, st.v, keys[r + MR - 1], D, inv_sum + r, oh + r * st.out, st.out);
     with_rows(rows - full, [&](auto R) {
-      pv_rows<decltype(R)::value>(scores + full * kpad, kpad, vh, D, keys[rows - 1], D, inv_sum + full,
+      pv_rows<decltype(R)::value>(scores + full * kpad, kpad, vh, st.v, keys[rows - 1], D, inv_sum + full,
                                   oh + full * st.out, st.out);
     });
   }
@@ -282,9 +279,9 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
-    std::vector<float> kt_buf, v_buf, score_buf;
+    std::vector<float> kt_buf, score_buf;
     for (int64_t i = next++; i < num_tasks; i = next++)
-      attend_rows(tasks[i], qp, kp, vp, op, st, D, group, causal, s, kt_buf, v_buf, score_buf);
+      attend_rows(tasks[i], qp, kp, vp, op, st, D, group, causal, s, kt_buf, score_buf);
   });
 }
 
