@@ -50,6 +50,26 @@ def test_setup_without_tcmalloc_fixes_the_glibc_threshold(monkeypatch):
         setup_host_allocator("tcmalloc", on_cpu=True)
 
 
+@pytest.mark.parametrize("reexecuted, why", [(False, "tcmalloc not found"),
+                                              (True, "tcmalloc (libtcmalloc_minimal.so.4) did not load")])
+def test_auto_warning_says_why_it_stays_on_glibc(monkeypatch, caplog, reexecuted, why):
+    """Not installed, or found and preloaded but not loaded (a broken library): the warning tells which."""
+    monkeypatch.setattr(host_allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(host_allocator, "active_allocator", lambda: "glibc")
+    monkeypatch.setattr(host_allocator, "limit_glibc_mmap_threshold", lambda: None)
+    monkeypatch.setenv("RANK", "0")
+    if reexecuted:
+        monkeypatch.setenv(host_allocator.REEXEC_MARK, "1")
+        monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
+    else:
+        monkeypatch.delenv(host_allocator.REEXEC_MARK, raising=False)
+        monkeypatch.setattr(host_allocator, "find_tcmalloc", lambda: None)
+    with caplog.at_level("WARNING", logger="tp_embed"):
+        assert setup_host_allocator("auto", on_cpu=True) == "glibc"
+    assert why in caplog.text and "apt install libtcmalloc-minimal4" in caplog.text
+    assert ("not found" in caplog.text) != reexecuted
+
+
 def run_setup(choice: str) -> subprocess.CompletedProcess:
     code = ("import os; from tp_embed.host_allocator import setup_host_allocator as s; "
             f"print(s({choice!r}, True), os.environ.get('LD_PRELOAD', ''))")

@@ -100,7 +100,11 @@ def setup_host_allocator(choice: str, on_cpu: bool) -> str:
     if action == "glibc":
         limit_glibc_mmap_threshold()
         if choice == "auto" and on_cpu and int(os.environ.get("RANK", "0")) == 0:
-            logger.warning("tcmalloc not found: running on glibc malloc, whose flat-memory setting makes the "
-                           "CPU forward pass about 1.4x slower; %s", INSTALL_HINT)
+            if REEXEC_MARK in os.environ:  # found, preloaded, and still not the process's malloc
+                why = f"tcmalloc ({os.environ.get('LD_PRELOAD', '').split(':')[0]}) did not load from LD_PRELOAD"
+            else:
+                why = "tcmalloc not found"
+            logger.warning("%s: running on glibc malloc, whose flat-memory setting makes the CPU forward pass "
+                           "about 1.4x slower; %s", why, INSTALL_HINT)
         return "glibc"
     return active
