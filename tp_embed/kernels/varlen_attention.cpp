@@ -187,11 +187,11 @@ void softmax_rows(float* scores, int64_t kpad, int64_t kb, int64_t rows, const i
 }
 
 struct Task {
-  int64_t start, len, head, row0, rows;
+  int64_t start, len, head, heads, row0, rows;  // query heads [head, head + heads) share one key/value head
 };
 
-// One task: query rows [row0, row0 + rows) of one head of one sequence, BLOCK_ROWS at a time after the keys
-// are transposed once into kt [D][kpad]; values are read in place.
+// One task: query rows [row0, row0 + rows) of one sequence for query heads that share a key/value head,
+// BLOCK_ROWS at a time after the keys are transposed once into kt [D][kpad]; values are read in place.
 void attend_rows(const Task& t, const float* q, const float* k, const float* v, float* out, const Strides& st,
                  int64_t D, int64_t group, bool causal, float scale, std::vector<float>& kt_buf,
                  std::vector<float>& score_buf) {
@@ -213,12 +213,13 @@ void attend_rows(const Task& t, const float* q, const float* k, const float* v, 
   float* scores = score_buf.data();
   int64_t keys[BLOCK_ROWS];
   float inv_sum[BLOCK_ROWS];
+  for (int64_t h = t.head; h < t.head + t.heads; ++h)
   for (int64_t b0 = t.row0; b0 < t.row0 + t.rows; b0 += BLOCK_ROWS) {
     const int64_t rows = std::min<int64_t>(BLOCK_ROWS, t.row0 + t.rows - b0);
     // causal: this block needs keys [0, b0 + rows) only
     const int64_t kb = causal ? (b0 + rows + W - 1) / W * W : kpad;
-    const float* qh = q + (t.start + b0) * st.q + t.head * D;
-    float* oh = out + (t.start + b0) * st.out + t.head * D;
+    const float* qh = q + (t.start + b0) * st.q + h * D;
+    float* oh = out + (t.start + b0) * st.out + h * D;
     for (int64_t r = 0; r < rows; ++r) keys[r] = causal ? b0 + r + 1 : L;
     const int64_t full = rows / MR * MR;
     for (int64_t r = 0; r < full; r += MR) qk_rows<MR>(qh + r * st.q, st.q, kt, kpad, kb, D, scale, scores + r * kpad);
@@ -259,22 +260,27 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t B = cu_seqlens.numel() - 1;
   TORCH_CHECK(B >= 0 && cu[0] == 0 && cu[B] == T, "varlen_attention: cu_seqlens must run from 0 to num_tokens");
 
+  // Query heads that share a key/value head share a task (one transpose of the keys), as long as that
+  // leaves at least two tasks a thread; else the group is halved until it does.
+  const int64_t group = Hq / Hkv;
+  int64_t heads_per_task = group;
+  while (heads_per_task % 2 == 0 && B * (Hq / heads_per_task) < 2 * at::get_num_threads()) heads_per_task /= 2;
   std::vector<Task> tasks;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = cu[b + 1] - cu[b];
     TORCH_CHECK(len >= 0, "varlen_attention: cu_seqlens must not decrease");
-    for (int64_t h = 0; h < Hq; ++h)
-      for (int64_t r = 0; r < len; r += TASK_ROWS) tasks.push_back({cu[b], len, h, r, std::min<int64_t>(TASK_ROWS, len - r)});
+    for (int64_t h = 0; h < Hq; h += heads_per_task)
+      for (int64_t r = 0; r < len; r += TASK_ROWS)
+        tasks.push_back({cu[b], len, h, heads_per_task, r, std::min<int64_t>(TASK_ROWS, len - r)});
   }
   // longest first, taken in turn by whichever thread is free: the threads finish together
   std::stable_sort(tasks.begin(), tasks.end(), [causal](const Task& a, const Task& b) {
     const int64_t ka = causal ? a.row0 + a.rows : a.len, kb = causal ? b.row0 + b.rows : b.len;
-    return ka * a.rows > kb * b.rows;
+    return ka * a.rows * a.heads > kb * b.rows * b.heads;
   });
   const Strides st{q.stride(0), k.stride(0), v.stride(0), out.stride(0)};
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t group = Hq / Hkv;
   const float s = static_cast<float>(scale);
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
