@@ -178,3 +178,63 @@ def test_a_startup_failure_is_fatal():
     h = Harness(build=build)
     assert h.scheduler.join(10) and h.scheduler.dead
     assert isinstance(h.fatal[0], ConfigError)
+
+
+class RacyJob(Job):
+    """A job whose first read of an unset `outputs` waits (up to 0.5 s) for a second reader: if two group
+    threads assemble parts of it at once, both see None, as an unlucky thread switch would make them."""
+    __slots__ = ("_outputs", "barrier")
+
+    def __init__(self, sequences):
+        self.barrier = threading.Barrier(2)
+        super().__init__(sequences)
+
+    @property
+    def outputs(self):
+        value = self._outputs
+        if value is None:
+            try:
+                self.barrier.wait(0.5)
+            except threading.BrokenBarrierError:
+                pass
+        return value
+
+    @outputs.setter
+    def outputs(self, value):
+        self._outputs = value
+
+
+class TwoGroupEngine(FakeEngine):
+    """Two data-parallel groups of one input a batch; their forward passes end together."""
+    max_batch_seqs = 1
+
+    def __init__(self, finish_together=None):
+        super().__init__()
+        self.finish_together = finish_together or threading.Barrier(2)
+        self.other = None
+
+    def groups(self):
+        if self.other is None:
+            self.other = TwoGroupEngine(self.finish_together)
+        return [self, self.other]
+
+    def forward_pooled(self, sequences):
+        rows = super().forward_pooled(sequences)
+        try:
+            self.finish_together.wait(2)
+        except threading.BrokenBarrierError:
+            pass
+        return rows
+
+
+def test_a_job_split_over_two_groups_keeps_both_parts():
+    """Data parallelism: the two halves of one job finish on two groups' threads at the same moment, and
+    both reach the job's outputs; each half's rows must survive (they were assembled without the lock,
+    so both threads could allocate the output tensor and one half was lost)."""
+    h = Harness(TwoGroupEngine())
+    sequences = [[7, 7], [8, 8, 8]]
+    job = RacyJob(sequences)
+    h.scheduler.submit(job)
+    assert h.results(1) == [job]
+    torch.testing.assert_close(job.outputs, expected_rows(sequences))
+    h.close()

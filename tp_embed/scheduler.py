@@ -217,19 +217,21 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.observe_batch(len(batch), len(sequences), num_tokens, seconds, group)
             finished, row = [], 0
-            for job, start, end in batch:
-                rows = pooled[row:row + end - start]
-                row += end - start
-                if start == 0 and end == len(job.sequences):
-                    job.outputs = rows  # the whole job in this batch: a view, no copy
-                else:
-                    if job.outputs is None:
-                        job.outputs = torch.empty(len(job.sequences), pooled.shape[1], dtype=pooled.dtype)
-                    job.outputs[start:end] = rows
-                job.num_done += end - start
-                if job.num_done == len(job.sequences):
-                    finished.append(job)
+            # under the lock: with data parallelism two groups' threads may each hold part of one job, and
+            # both would otherwise allocate its outputs (one losing the other's rows) or miscount num_done
             with self._cond:
+                for job, start, end in batch:
+                    rows = pooled[row:row + end - start]
+                    row += end - start
+                    if start == 0 and end == len(job.sequences):
+                        job.outputs = rows  # the whole job in this batch: a view, no copy
+                    else:
+                        if job.outputs is None:
+                            job.outputs = torch.empty(len(job.sequences), pooled.shape[1], dtype=pooled.dtype)
+                        job.outputs[start:end] = rows
+                    job.num_done += end - start
+                    if job.num_done == len(job.sequences):
+                        finished.append(job)
                 finished = [job for job in finished if job in self._active]  # not cancelled meanwhile
                 for job in finished:
                     self._active.discard(job)
