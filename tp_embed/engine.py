@@ -159,7 +159,7 @@ class Engine:
 
     def choose_attention(self, args) -> str:
         """--attention-backend, or "cpu_kernel" where --cpu-attention lets the compiled CPU kernel take it."""
-        wanted = getattr(args, "cpu_attention", "torch")
+        wanted = args.cpu_attention
         if (self.device.type != "cpu" or self.dtype != torch.float32 or args.attention_backend != "auto"
                 or wanted == "torch"):
             return args.attention_backend

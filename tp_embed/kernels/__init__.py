@@ -105,8 +105,3 @@ def load_cpu_attention() -> str | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _state["error"] = str(e)
         return _state.get("error")
-
-
-def cpu_attention_ready() -> bool:
-    """Whether the kernel was loaded (by `load_cpu_attention`) in this process."""
-    return "loaded" in _state

@@ -114,7 +114,8 @@ class VarlenAttention:
             if len(bounds) == 2 and bounds[1] == q.shape[0]:
                 return self._one(q, k, v)
             out = torch.empty_like(q)
-            out[bounds[-1]:] = 0
+            if q.shape[0] > bounds[-1]:
+                out[bounds[-1]:] = 0
             for start, end in zip(bounds[:-1], bounds[1:]):
                 out[start:end] = self._one(q[start:end], k[start:end], v[start:end])
             return out
