@@ -319,3 +319,12 @@ def test_allow_auto_truncate_is_the_default(checkpoints):
         ClipProcessor(path, cfg).embed(RecordingEngine(text, 1000, 8), items)
     engine = RecordingEngine(text, 1000, 8, allow_auto_truncate=True)
     assert ClipProcessor(path, cfg).embed(engine, items)[:, 0].tolist() == [len(text.encode(["short"], False)[0]), 77]
+
+
+def test_pooling_flag_is_refused(checkpoints, tmp_path):
+    """CLIP pools inside its towers: a --pooling the engine would ignore is a startup error, not a silent no-op."""
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", checkpoints["legacy"], "--pooling", "mean",
+                            "--input", "x", "--output", str(tmp_path / "y.npy")))
+    assert proc.returncode != 0
+    assert "--pooling mean does not apply to" in proc.stderr and "leave --pooling out" in proc.stderr
+    assert not (tmp_path / "y.npy").exists()

@@ -122,6 +122,10 @@ class Engine:
         if args.chat_template is not None and self.config.family != "qwen2_vl":
             raise ConfigError(f"--chat-template {args.chat_template} applies to Qwen2-VL (GME) models; "
                               f"{self.model_name} takes no chat template (use prompt_name for instructions)")
+        if args.pooling is not None and self.config.family == "clip":
+            raise ConfigError(f"--pooling {args.pooling} does not apply to {self.model_name}: CLIP's towers pool "
+                              "themselves (the text tower at its end-of-text token, the vision tower at its class "
+                              "token) before their projections; leave --pooling out")
         self.device = self.dist.device
         self.dtype = resolve_dtype(args.dtype, self.device)
         t0 = time.perf_counter()
