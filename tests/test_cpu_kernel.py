@@ -5,6 +5,10 @@ attention layer's use of it; its input checks; and what happens without a compil
 import argparse
 import logging
 import math
+import os
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -173,6 +177,51 @@ def test_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
     error = kernels.load_cpu_attention()
     assert error is not None and "exited with 1" in error and "no such header" in error
     assert not any((tmp_path / "cache" / "kernels").iterdir())
+
+
+RANK_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+work = Path(sys.argv[1])
+(work / f"ready-{sys.argv[2]}").touch()
+while not (work / "go").exists():
+    time.sleep(0.01)
+from tp_embed.kernels import load_cpu_attention
+print(load_cpu_attention())
+"""
+
+
+@needs_kernel
+def test_ranks_on_a_cold_cache_build_once(tmp_path):
+    """Three processes asking for the kernel at the same moment on an empty cache: one compiles, the
+    other two wait for it and load its binary. The compiler stands in for c++: it logs each build, takes
+    a second, and writes the binary this session already built."""
+    built = kernels.library_path(kernels.compiler())
+    log = tmp_path / "builds.log"
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import shutil, sys, time\n"
+                    "if sys.argv[1] == '--version':\n    print('fake 1.0'); sys.exit(0)\n"
+                    f"open({str(log)!r}, 'a').write('build\\n')\n"
+                    "time.sleep(1)\n"
+                    f"shutil.copy({str(built)!r}, sys.argv[sys.argv.index('-o') + 1])\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "CXX": str(fake), "TP_EMBED_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [out.strip() for out, _ in outputs] == ["None"] * 3, [err[-2000:] for _, err in outputs]
+    assert log.read_text() == "build\n"
+    assert len(list((tmp_path / "cache" / "kernels").iterdir())) == 1  # the binary, no temporary left
 
 
 def test_reference_is_softmax_attention():

@@ -4,12 +4,15 @@
 compiler (`$CXX`, else `c++`) for the host's CPU (`-march=native`), against the installed torch's headers,
 into `$TP_EMBED_CACHE/kernels` (default `~/.cache/tp_embed/kernels`). The file name carries a hash of the
 source, the flags, the compiler, torch's version and the CPU, so a change of any of them builds anew and
-a cache directory shared between different machines never hands one a binary built for another. The
-build writes to a temporary name and renames it into place, so ranks that build at once do not collide.
+a cache directory shared between different machines never hands one a binary built for another.
+Processes on one host take turns on the cache directory (an exclusive `flock`), so when the ranks of a
+server start on a cold cache one compiles and the others load its binary; the build writes to a temporary
+name and renames it into place, so no process ever loads a half-written file.
 
 No compiler, or a failed build: `load_cpu_attention` returns the reason and the callers use PyTorch's ops.
 """
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -86,6 +89,20 @@ def build(cxx: str, output: Path) -> None:
             os.unlink(tmp)
 
 
+def build_once(cxx: str, path: Path) -> None:
+    """Build `path` unless it is there, holding the cache directory's lock: another process building it
+    is waited for (at most its build timeout), then its binary is used."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not path.exists():
+            logger.info("compiling the CPU attention kernel into %s", path)
+            build(cxx, path)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def load_cpu_attention() -> str | None:
     """Build (once per host and source) and load the CPU attention kernel. Returns None when
     `torch.ops.tp_embed.varlen_attention` is ready, else why it is not."""
@@ -97,9 +114,7 @@ def load_cpu_attention() -> str | None:
             if cxx is None:
                 raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX') or 'c++'}) on PATH")
             path = library_path(cxx)
-            if not path.exists():
-                logger.info("compiling the CPU attention kernel into %s", path)
-                build(cxx, path)
+            build_once(cxx, path)
             torch.ops.load_library(str(path))
             _state["loaded"] = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
