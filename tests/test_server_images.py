@@ -53,6 +53,11 @@ def test_clip_texts_and_images_in_one_request(clip_server):
     assert cosine_rows(got[[0, 2, 5]], ref_text).min() >= BOUND
     assert cosine_rows(got[[1, 3, 4]], ref_image).min() >= BOUND
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # usage counts what the batches held: each text's tokens and each image's 1 + (S/P)^2 patch tokens
+    from transformers import AutoTokenizer
+    text_tokens = sum(map(len, AutoTokenizer.from_pretrained(model)(texts)["input_ids"]))
+    per_image = 1 + (tiny_clip.IMAGE_SIZE // 8) ** 2
+    assert r.json()["usage"]["prompt_tokens"] == text_tokens + 3 * per_image
 
 
 @pytest.mark.parametrize("image,message", [

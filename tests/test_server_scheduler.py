@@ -22,6 +22,7 @@ class FakeEngine:
         self.gate.set()
         self.entered = threading.Event()
         self.batches: list[list[list[int]]] = []
+        self.item_calls: list[list[list[int]]] = []
         self.heartbeats = 0
         self.stopped = False
 
@@ -35,6 +36,13 @@ class FakeEngine:
         if self.fail:
             raise RuntimeError("Connection reset by peer")
         return torch.tensor([[len(s), s[0]] for s in sequences], dtype=torch.float32)
+
+    def embed_prepared(self, prepared):
+        """Multimodal jobs' prepared inputs (here lists of ints): the same rows; [0] is a bad input."""
+        self.item_calls.append([list(p) for p in prepared])
+        if [0] in prepared:
+            raise ValueError("input 0: a bad item")
+        return expected_rows(prepared)
 
     def heartbeat(self):
         self.heartbeats += 1
@@ -97,6 +105,36 @@ def test_jobs_share_batches_and_a_large_job_is_split_and_reassembled_in_order():
     assert len(batches[0]) == 3 and batches[0][:2] == small.sequences  # two requests in one batch
     for b in batches:
         assert len(b) <= 3 and sum(map(len, b)) <= 10
+    assert h.scheduler.queued_tokens == 0 and h.scheduler.num_active == 0
+    h.close()
+
+
+def test_waiting_item_jobs_are_embedded_together_within_the_budget():
+    """Multimodal jobs queued while a batch runs go to embed_prepared together while their costs fit the
+    token budget (10): 4 + 4 in one call, the next 4 in another; each job gets its own rows back. A
+    cancelled job is skipped, and a bad input fails the jobs of its call only."""
+    h = Harness()
+    h.hold()
+    a = Job([], 4, items=[[1], [2, 2]])
+    b = Job([], 4, items=[[3, 3, 3]])
+    gone = Job([], 4, items=[[9]])
+    c = Job([], 4, items=[[4]])
+    for job in (a, b, gone, c):
+        h.scheduler.submit(job)
+    h.scheduler.cancel(gone)
+    h.engine.gate.set()
+    done = h.results(4)
+    assert gone not in done and {a, b, c} <= set(done)
+    assert h.engine.item_calls == [[[1], [2, 2], [3, 3, 3]], [[4]]]
+    for job in (a, b, c):
+        assert job.error is None
+        torch.testing.assert_close(job.outputs, expected_rows(job.items))
+    bad, good = Job([], 6, items=[[0], [5]]), Job([], 6, items=[[6]])
+    h.scheduler.submit(bad)
+    h.scheduler.submit(good)
+    done = h.results(2)
+    assert isinstance(bad.error, ValueError) and good.error is None
+    torch.testing.assert_close(good.outputs, expected_rows([[6]]))
     assert h.scheduler.queued_tokens == 0 and h.scheduler.num_active == 0
     h.close()
 

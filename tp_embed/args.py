@@ -120,8 +120,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT, how long to finish queued and in-flight requests before "
                         "failing them with 503 (default 25, inside torchrun's 30 s grace period)")
     g.add_argument("--tokenizer-workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                   help="threads that parse and tokenize requests, each with its own tokenizer copy "
-                        "(default: min(4, CPU cores))")
+                   help="threads that parse and tokenize requests and fetch, decode and preprocess their images, "
+                        "each with its own tokenizer copy (default: min(4, CPU cores))")
     g.add_argument("--host-allocator", default="auto", choices=["auto", "tcmalloc", "glibc"],
                    help="malloc of the rank processes: tcmalloc (re-executes each rank with it in LD_PRELOAD; "
                         "the CPU forward pass runs about 1.4x faster), glibc (mmap threshold fixed at 128 KiB "

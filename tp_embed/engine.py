@@ -243,16 +243,28 @@ class Engine:
             out[idx] = run_batch(idx)
         return out
 
-    def embed_items(self, items: list, truncate: bool | None = None) -> torch.Tensor:
-        """Rank 0: one float32 vector per multimodal Item (text, image or both), in order.
-
-        The model family's processor (built by `build_processor`) turns items into packed batches:
-        it tokenizes, renders prompts, preprocesses images and lays out positions, then calls
-        `forward_batch` for each batch.
-        """
+    def prepare_items(self, items: list, truncate: bool | None = None, text: TextProcessor | None = None) -> list:
+        """Rank 0, any thread: multimodal Items (text, image or both) -> the model family's prepared
+        inputs (token ids, image patches, positions), one per item, through its processor (built by
+        `build_processor`). `text` is the calling thread's TextProcessor (default the engine's);
+        `truncate` None follows --allow-auto-truncate. Raises ValueError naming a bad item."""
         if self.processor is None:
             raise ValueError(f"{self.model_name} takes text only")
-        return self.processor.embed(self, items, truncate)
+        truncate = self.args.allow_auto_truncate if truncate is None else truncate
+        return self.processor.prepare_items(text or self.text, items, truncate)
+
+    def prepared_tokens(self, prepared: list) -> int:
+        """The tokens prepared inputs take in batches (image tokens included)."""
+        return sum(map(self.processor.cost, prepared))
+
+    def embed_prepared(self, prepared: list) -> torch.Tensor:
+        """Rank 0, the engine thread: one float32 vector per prepared input, in order; the processor
+        packs them into batches and calls `forward_batch` for each."""
+        return self.processor.embed_prepared(self, prepared)
+
+    def embed_items(self, items: list, truncate: bool | None = None) -> torch.Tensor:
+        """Rank 0: one float32 vector per multimodal Item, in order (prepare_items, then embed_prepared)."""
+        return self.embed_prepared(self.prepare_items(items, truncate))
 
     def warmup(self) -> None:
         if self.is_driver:

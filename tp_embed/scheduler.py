@@ -49,13 +49,14 @@ class Job:
     """
 
     __slots__ = ("sequences", "num_tokens", "next_seq", "num_done", "outputs", "error", "cancelled",
-                 "released", "future", "items", "truncate")
+                 "released", "future", "items")
 
     def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None,
-                 items: list | None = None, truncate: bool | None = None):
-        # a multimodal job carries Items instead of token sequences: group 0's engine thread embeds it
-        # whole with engine.embed_items (the model's processor packs its batches)
-        self.items, self.truncate = items, truncate
+                 items: list | None = None):
+        # a multimodal job carries its items prepared by the model's processor (engine.prepare_items)
+        # instead of token sequences, and num_tokens their cost; group 0's engine thread embeds waiting
+        # item jobs together with engine.embed_prepared (the processor packs the batches)
+        self.items = items
         self.sequences = sequences
         self.num_tokens = num_tokens if num_tokens is not None else sum(map(len, sequences))
         self.next_seq = 0  # first sequence not yet put into a batch
@@ -195,10 +196,10 @@ class Scheduler:
                     self._cond.wait(self.heartbeat_interval)
                 if self.dead or (self._stopping and not self._waiting and not mine):
                     return
-                item_job = self._next_item_job() if group == 0 else None
-                batch = [] if item_job else self._pack(engine.max_batch_tokens, engine.max_batch_seqs)
-            if item_job is not None:
-                self._run_items(engine, item_job)
+                item_jobs = self._take_item_jobs(engine.max_batch_tokens) if group == 0 else []
+                batch = [] if item_jobs else self._pack(engine.max_batch_tokens, engine.max_batch_seqs)
+            if item_jobs:
+                self._run_items(engine, item_jobs)
                 last_collective = time.monotonic()
                 continue
             if not batch:
@@ -239,26 +240,46 @@ class Scheduler:
             if finished:
                 self.deliver(finished)
 
-    def _next_item_job(self) -> Job | None:
+    def _take_item_jobs(self, max_tokens: int) -> list[Job]:
+        """Whole multimodal jobs from the head of their queue while their prepared inputs cost at most
+        max_tokens together (always at least one job). Called with the lock held."""
+        jobs, num_tokens = [], 0
         while self._item_jobs:
-            job = self._item_jobs.popleft()
+            job = self._item_jobs[0]
             if not job.cancelled:
-                return job
-        return None
+                if jobs and num_tokens + job.num_tokens > max_tokens:
+                    break
+                jobs.append(job)
+                num_tokens += job.num_tokens
+            self._item_jobs.popleft()
+        return jobs
 
-    def _run_items(self, engine, job: Job) -> None:
-        """Embed a multimodal job whole. The processor checks every item before it sends a batch, so a
-        bad item (ValueError) fails this job alone and the ranks stay in step."""
+    def _run_items(self, engine, jobs: list[Job]) -> None:
+        """Embed the prepared inputs of several multimodal jobs in one call (the processor packs them into
+        batches) and hand each job its rows. A ValueError is raised before anything reaches the workers,
+        so the ranks stay in step; it fails these jobs."""
+        t0 = time.perf_counter()
         try:
-            job.outputs = engine.embed_items(job.items, job.truncate)
+            pooled = engine.embed_prepared([p for job in jobs for p in job.items])
         except ValueError as e:
-            job.error = e
+            pooled = e
+        seconds = time.perf_counter() - t0
+        row = 0
         with self._cond:
-            if job not in self._active:  # cancelled meanwhile
-                return
-            self._active.discard(job)
-            self._release(job)
-        self.deliver([job])
+            for job in jobs:
+                if isinstance(pooled, ValueError):
+                    job.error = pooled
+                else:
+                    job.outputs = pooled[row:row + len(job.items)]
+                    row += len(job.items)
+            finished = [job for job in jobs if job in self._active]  # not cancelled meanwhile
+            for job in finished:
+                self._active.discard(job)
+                self._release(job)
+        if self.metrics is not None and not isinstance(pooled, ValueError):
+            self.metrics.observe_batch(len(jobs), row, sum(job.num_tokens for job in jobs), seconds, 0)
+        if finished:
+            self.deliver(finished)
 
     def _pack(self, max_batch_tokens: int, max_batch_seqs: int) -> list[tuple[Job, int, int]]:
         """Take (job, start, end) slices from the head of the queue until the batch is full. An input

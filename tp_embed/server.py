@@ -57,9 +57,7 @@ class PreparedEmbedding:
     normalize: bool
     encoding_format: str
     order: list[int] | None  # sequences[j] is input order[j]; None when in input order
-    items: list | None = None  # multimodal Items, embedded whole by the model's processor
-    truncate: bool | None = None
-    budget_tokens: int = 0  # what an items job counts against --max-queued-tokens
+    items: list | None = None  # multimodal items as the model's processor prepared them
 
 
 class EmbeddingServer:
@@ -278,9 +276,10 @@ class EmbeddingServer:
         return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order)
 
     def prepare_items(self, req: EmbeddingRequest, items: list, truncate: bool) -> PreparedEmbedding:
-        """Tokenizer pool: fetch and decode every image (off the event loop), refusing a bad one with a
-        400 that names its item. The model's processor checks the rest on the engine thread before it
-        sends anything to the workers."""
+        """Tokenizer pool: fetch and decode every image, then the model's processor tokenizes, renders
+        prompts and preprocesses images (all off the event loop and the engine thread); a bad item is a
+        400 that names it."""
+        t0 = time.perf_counter()
         if req.prompt_name is not None:
             raise APIError(400, "prompt_name applies to plain text inputs, not to items", param="prompt_name")
         if req.instruction is not None:
@@ -292,14 +291,17 @@ class EmbeddingServer:
             except MediaError as e:
                 raise APIError(400, f"input[{i}].image: {e}", param="input", code="invalid_image") from None
             loaded.append(Item(text=text, image=image, instruction=req.instruction))
-        texts = [t for t, _ in items if t is not None]
-        # usage counts the items' text tokens; the queue budget also charges each image's pixels
-        num_tokens = sum(map(len, self._local.text.encode(texts, truncate=True))) if texts else 0
-        budget = num_tokens + sum(img.width * img.height // (28 * 28) for img in
-                                  (item.image for item in loaded) if img is not None)
+        try:
+            prepared = self.engine.prepare_items(loaded, truncate, self._local.text)
+        except InputTooLongError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from None
+        # usage and the queue budget count what the batches will hold: text, template and image tokens
+        num_tokens = self.engine.prepared_tokens(prepared)
+        self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         normalize = req.normalize if req.normalize is not None else self.engine.normalize
-        return PreparedEmbedding([], num_tokens, req.dimensions, normalize, req.encoding_format, None,
-                                 loaded, truncate, max(1, budget))
+        return PreparedEmbedding([], num_tokens, req.dimensions, normalize, req.encoding_format, None, prepared)
 
     async def wait_for(self, job: Job, request: Request, deadline: float) -> None:
         """Until the job's result, the client's disconnect or the deadline; the last two drop the job."""
@@ -330,7 +332,7 @@ class EmbeddingServer:
         body = await self.read_body(request)
         prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
         if prepared.items is not None:
-            job = Job([], prepared.budget_tokens, loop.create_future(), prepared.items, prepared.truncate)
+            job = Job([], prepared.num_tokens, loop.create_future(), prepared.items)
         else:
             job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
         try:

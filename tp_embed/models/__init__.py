@@ -18,7 +18,9 @@ def build_model(config: ModelConfig, dtype, device):
 
 def build_processor(engine):
     """Rank 0's multimodal input processor for the model family, or None for text-only families.
-    A processor has `embed(engine, items) -> float32 [len(items), dim]`."""
+    A processor has `prepare_items(text, items, truncate) -> prepared inputs` (any thread),
+    `cost(prepared input) -> tokens` and `embed_prepared(engine, prepared) -> float32 [len(prepared), dim]`
+    (the engine thread)."""
     if engine.config.family == "qwen2_vl":
         from tp_embed.models.qwen2_vl import GmeProcessor
         return GmeProcessor(engine)

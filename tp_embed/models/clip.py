@@ -294,9 +294,10 @@ class ClipProcessor:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels.float().reshape(len(images), -1)
 
-    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
-        """float32 [len(items), projection_dim] in item order: a text item's text vector, an image item's
-        image vector (unnormalized: the caller normalizes). `truncate` None follows --allow-auto-truncate."""
+    def prepare_items(self, text, items: list, truncate: bool) -> list["ClipInput"]:
+        """Items -> one ClipInput each: a text's token ids (through `text`, a TextProcessor: the server's
+        tokenizer threads pass their own) or an image's preprocessed pixels. Runs off the engine thread.
+        Raises ValueError naming the item (both text and image, an instruction), InputTooLongError."""
         for i, item in enumerate(items):
             if item.text is not None and item.image is not None:
                 raise ValueError(f"input {i} has both text and an image: CLIP embeds text and images separately, "
@@ -307,40 +308,71 @@ class ClipProcessor:
                                  f"(e.g. 'a photo of ') into the text itself")
         text_items = [i for i, item in enumerate(items) if item.text is not None]
         image_items = [i for i, item in enumerate(items) if item.image is not None]
-        truncate = engine.args.allow_auto_truncate if truncate is None else truncate
         try:
-            sequences = engine.text.encode([items[i].text for i in text_items], truncate) if text_items else []
+            sequences = text.encode([items[i].text for i in text_items], truncate) if text_items else []
         except InputTooLongError as e:
             raise InputTooLongError(text_items[e.index], e.num_tokens, e.limit) from None
-        tokens = dict(zip(text_items, sequences))
-        # texts sorted by length (similar lengths share a batch), then images
-        order = sorted(text_items, key=lambda i: len(tokens[i])) + image_items
-        out = torch.empty(len(items), engine.hidden_size, dtype=torch.float32)
-        for group in self.pack(order, tokens, engine.max_batch_tokens, engine.max_batch_seqs):
-            texts = [i for i in group if i in tokens]
-            images = [i for i in group if i not in tokens]
+        prepared = [None] * len(items)
+        for i, ids in zip(text_items, sequences):
+            prepared[i] = ClipInput(input_ids=ids)
+        if image_items:
+            for i, row in zip(image_items, self.pixel_rows([items[i].image for i in image_items])):
+                prepared[i] = ClipInput(pixels=row)
+        return prepared
+
+    def cost(self, p: "ClipInput") -> int:
+        """Tokens an input takes in a batch: its text's, or the vision tower's 1 + (S/P)^2."""
+        return len(p.input_ids) if p.input_ids is not None else self.tokens_per_image
+
+    def embed_prepared(self, engine, prepared: list["ClipInput"]) -> torch.Tensor:
+        """float32 [len(prepared), projection_dim] in order: a text's text vector, an image's image vector
+        (unnormalized: the caller normalizes). Texts sorted by length (similar lengths share a batch),
+        then images, packed by the engine's budgets and max_batch_images."""
+        text_items = [i for i, p in enumerate(prepared) if p.input_ids is not None]
+        image_items = [i for i, p in enumerate(prepared) if p.input_ids is None]
+        order = sorted(text_items, key=lambda i: len(prepared[i].input_ids)) + image_items
+        out = torch.empty(len(prepared), engine.hidden_size, dtype=torch.float32)
+        for group in self.pack([self.cost(prepared[i]) for i in order],
+                               [prepared[i].input_ids is None for i in order],
+                               engine.max_batch_tokens, engine.max_batch_seqs):
+            group = [order[j] for j in group]
+            texts = [i for i in group if prepared[i].input_ids is not None]
+            images = [i for i in group if prepared[i].input_ids is None]
             pixels = grid = None
             if images:
-                pixels = self.pixel_rows([items[i].image for i in images])
+                pixels = torch.stack([prepared[i].pixels for i in images])
                 grid = torch.tensor([[1, self.grid, self.grid]] * len(images), dtype=torch.int32)
-            batch = Batch.from_token_ids([tokens[i] for i in texts], pixel_values=pixels, image_grid_thw=grid)
+            batch = Batch.from_token_ids([prepared[i].input_ids for i in texts], pixel_values=pixels,
+                                         image_grid_thw=grid)
             out[texts + images] = engine.forward_batch(batch)  # the model returns texts first, then images
         return out
 
-    def pack(self, order: list[int], tokens: dict, max_batch_tokens: int, max_batch_seqs: int) -> list[list[int]]:
-        """Group item indices, in the given order, into batches of at most max_batch_tokens tokens,
-        max_batch_seqs items and max_batch_images images. An item over the budget gets a batch of its own."""
+    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
+        """prepare_items with the engine's own TextProcessor, then embed_prepared. `truncate` None
+        follows --allow-auto-truncate."""
+        truncate = engine.args.allow_auto_truncate if truncate is None else truncate
+        return self.embed_prepared(engine, self.prepare_items(engine.text, items, truncate))
+
+    def pack(self, costs: list[int], is_image: list[bool], max_batch_tokens: int,
+             max_batch_seqs: int) -> list[list[int]]:
+        """Group positions 0..n-1, in order, into batches of at most max_batch_tokens tokens,
+        max_batch_seqs inputs and max_batch_images images. An input over the budget gets a batch of its own."""
         batches, current, num_tokens, num_images = [], [], 0, 0
-        for i in order:
-            is_image = i not in tokens
-            cost = self.tokens_per_image if is_image else len(tokens[i])
+        for i, (cost, image) in enumerate(zip(costs, is_image)):
             if current and (num_tokens + cost > max_batch_tokens or len(current) == max_batch_seqs
-                            or (is_image and num_images == self.max_batch_images)):
+                            or (image and num_images == self.max_batch_images)):
                 batches.append(current)
                 current, num_tokens, num_images = [], 0, 0
             current.append(i)
             num_tokens += cost
-            num_images += is_image
+            num_images += image
         if current:
             batches.append(current)
         return batches
+
+
+@dataclass
+class ClipInput:
+    """One prepared CLIP item: a text's token ids, or an image's preprocessed pixels."""
+    input_ids: list[int] | None = None
+    pixels: torch.Tensor | None = None  # float32 [3 * S * S]

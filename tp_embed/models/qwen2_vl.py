@@ -287,9 +287,11 @@ class GmeProcessor:
             min_pixels=args.min_pixels, max_pixels=args.max_pixels, patch_size=vc.patch_size,
             temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
 
-    def prepare(self, item) -> PreparedItem:
+    def prepare(self, item, tokenizer=None) -> PreparedItem:
+        """One item's ids, positions and patches; `tokenizer` (default the engine's) is the calling
+        thread's own where several threads prepare at once (fast tokenizers are not thread-safe)."""
         # the template carries its own <|endoftext|>: the tokenizer must add nothing
-        ids = self.tokenizer(render(item, self.chat_template), add_special_tokens=False)["input_ids"]
+        ids = (tokenizer or self.tokenizer)(render(item, self.chat_template), add_special_tokens=False)["input_ids"]
         if ids.count(self.image_token_id) != (item.image is not None):
             raise ValueError(f"the text or instruction contains the image placeholder {IMAGE_PAD}")
         if item.image is None:
@@ -313,17 +315,29 @@ class GmeProcessor:
         batch.positions = torch.cat([p.positions for p in prepared], dim=1)  # [3, num_tokens]
         return batch
 
-    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
-        """float32 [len(items), hidden], pooled as the engine pools (last token), not normalized.
-        Raises ValueError naming the item for a bad image or text, InputTooLongError for a long one:
-        a rendered item is never truncated (`truncate` is accepted for the common signature), since
-        cutting it would drop the template's closing tokens that the last-token pooling reads."""
+    def prepare_items(self, text, items: list, truncate: bool | None = None) -> list[PreparedItem]:
+        """Items -> PreparedItems, off the engine thread (`text`: the calling thread's TextProcessor).
+        Raises ValueError naming the item for a bad image or text, InputTooLongError for a long one: a
+        rendered item is never truncated (`truncate` is accepted for the common signature), since cutting
+        it would drop the template's closing tokens that the last-token pooling reads."""
         prepared = []
         for i, item in enumerate(items):
             try:
-                prepared.append(self.prepare(item))
+                prepared.append(self.prepare(item, text.tokenizer))
             except ValueError as e:  # the image processor's, e.g. an aspect ratio over 200
                 raise ValueError(f"item {i}: {e}") from e
-        engine.text.check_lengths([p.input_ids for p in prepared])
+        text.check_lengths([p.input_ids for p in prepared])
+        return prepared
+
+    @staticmethod
+    def cost(p: PreparedItem) -> int:
+        return len(p.input_ids)
+
+    def embed_prepared(self, engine, prepared: list[PreparedItem]) -> torch.Tensor:
+        """float32 [len(prepared), hidden], pooled as the engine pools (last token), not normalized."""
         return engine.embed_by_length([len(p.input_ids) for p in prepared],
                                       lambda idx: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
+
+    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
+        """prepare_items with the engine's TextProcessor, then embed_prepared."""
+        return self.embed_prepared(engine, self.prepare_items(engine.text, items, truncate))
