@@ -67,3 +67,17 @@ def test_a_loading_server_answers_503_and_still_serves_metrics():
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_not_ready"
         assert "loading" in r.json()["error"]["message"]
     assert metrics.status_code == 200 and "tp_embed_ready 0.0" in metrics.text
+
+
+def test_flags_are_read_without_importing_torch():
+    """Everything launch.py runs before setup_host_allocator (which may re-execute the rank) leaves
+    torch and transformers unimported, so a re-executed rank loads them once."""
+    import subprocess
+    import sys
+    code = ("import sys, launch\n"
+            "from tp_embed.args import parse_with_config\n"
+            "args = parse_with_config(launch.build_parser(), ['--config', 'configs/all-MiniLM-L6-v2.json'])\n"
+            "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig
 
+from tp_embed.errors import ConfigError
+
 # architecture name in config.json -> model family. A dict is enough (house style: no registry).
 DECODER_ARCHITECTURES = (
     "MistralModel", "MistralForCausalLM", "LlamaModel", "LlamaForCausalLM",
@@ -30,10 +32,6 @@ FAMILIES["Qwen2VLForConditionalGeneration"] = "qwen2_vl"
 FAMILIES["CLIPModel"] = "clip"
 
 POOLING_MODES = ("last", "mean", "cls")
-
-
-class ConfigError(ValueError):
-    """A startup problem the user can fix (bad flag, missing file, unsupported model)."""
 
 
 def divisors(n: int) -> list[int]:

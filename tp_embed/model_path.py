@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import zipfile
 
-from tp_embed.config import ConfigError
+from tp_embed.errors import ConfigError  # not tp_embed.config: launch.py reads flags before torch loads
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
