@@ -9,6 +9,7 @@ afterwards. GME: text, image and fused items with the gme-qwen2-vl template and 
 import base64
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -53,6 +54,12 @@ def test_clip_texts_and_images_in_one_request(clip_server):
     assert cosine_rows(got[[0, 2, 5]], ref_text).min() >= BOUND
     assert cosine_rows(got[[1, 3, 4]], ref_image).min() >= BOUND
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # one item a request, all at once: requests that wait together share batches; each gets its own vector
+    with ThreadPoolExecutor(len(items)) as pool:
+        answers = list(pool.map(lambda item: server.post("/v1/embeddings", json={"input": [item]}), items))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    singles = np.concatenate([response_vectors(a.json()) for a in answers])
+    assert cosine_rows(singles, got).min() >= BOUND
     # usage counts what the batches held: each text's tokens and each image's 1 + (S/P)^2 patch tokens
     from transformers import AutoTokenizer
     text_tokens = sum(map(len, AutoTokenizer.from_pretrained(model)(texts)["input_ids"]))
@@ -136,3 +143,17 @@ def test_gme_items_over_http(tmp_path):
         r = server.post("/v1/embeddings", json={"input": items, "instruction": g.QUERY_INSTRUCTION})
         assert r.status_code == 200, r.text
         assert cosine_rows(response_vectors(r.json()), ref[with_instruction]).min() >= BOUND
+        # one item a request, all at once: requests that wait together share batches; each gets its own
+        singles = [{k: (paths[v] if k == "image" else v) for k, v in g.ITEMS[i].items()} for i in plain]
+        with ThreadPoolExecutor(len(singles)) as pool:
+            answers = list(pool.map(lambda item: server.post("/v1/embeddings", json={"input": [item]}), singles))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        got = np.concatenate([response_vectors(a.json()) for a in answers])
+        assert cosine_rows(got, ref[plain]).min() >= BOUND
+        # bad items are refused before they are queued, naming the item; the server goes on
+        Image.new("RGB", (450, 2)).save(tmp_path / "thin.png")  # aspect ratio 225, over Qwen2-VL's 200
+        for bad, message in [({"image": str(tmp_path / "thin.png")}, "item 1: "),
+                             ({"text": "a <|image_pad|> here"}, "image placeholder")]:
+            r = server.post("/v1/embeddings", json={"input": [{"text": "fine"}, bad]})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert server.post("/v1/embeddings", json={"input": [{"text": "still serving"}]}).status_code == 200
