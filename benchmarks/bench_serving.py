@@ -27,6 +27,11 @@ Usage examples::
     # (row i of REF.npy is the embedding of line i of texts.txt).
     python benchmarks/bench_serving.py --dataset texts.txt --check ref.npy
 
+    # Images (CLIP, GME on tp-embed): each input an item {"image": data URI},
+    # from the files of a directory or synthetic 640x480 JPEGs.
+    python benchmarks/bench_serving.py --images photos/ --concurrency 1,8
+    python benchmarks/bench_serving.py --images synthetic:640x480 --num-texts 64
+
 The machine description in the JSON result is that of the machine running this
 script; run it on the server machine (loopback) when the two must match.
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import itertools
 import json
 import math
@@ -58,6 +64,9 @@ from tqdm import tqdm
 EMBEDDINGS_PATH = "/v1/embeddings"
 DEFAULT_NUM_REQUESTS = 200
 DEFAULT_NUM_SYNTHETIC_TEXTS = 1000
+DEFAULT_NUM_SYNTHETIC_IMAGES = 64
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp"}
 
 
 # ---------------------------------------------------------------------------
@@ -143,6 +152,53 @@ def load_dataset(path: str) -> list[str]:
     if not texts:
         raise ValueError(f"{path}: no texts")
     return texts
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) < 1 or int(height) < 1:
+        raise ValueError(f"image size must be WIDTHxHEIGHT in pixels, e.g. 640x480, got {text!r}")
+    return int(width), int(height)
+
+
+def synthetic_images(num_images: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    """Deterministic JPEGs (quality 90) of colour gradients with noise: they compress and decode like
+    photographs, not like flat colour (tiny files) or pure noise (huge ones)."""
+    from PIL import Image  # lazy: text benchmarks need no pillow
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for _ in range(num_images):
+        fx, fy, phase = rng.uniform(0.2, 2.0, 3), rng.uniform(0.2, 2.0, 3), rng.uniform(0, 256, 3)
+        pixels = np.stack([x * fx[c] + y * fy[c] + phase[c] for c in range(3)], axis=-1) % 256
+        pixels += rng.integers(0, 24, pixels.shape)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def load_images(source: str, num_images: int | None = None, seed: int = 0) -> list[dict]:
+    """Inputs {"image": "data:<type>;base64,..."} (tp-embed's items, for CLIP and GME): `source` is a
+    directory (its image files by name: .png .jpg .jpeg .webp .gif .bmp, the first num_images) or
+    "synthetic" / "synthetic:WxH" (num_images JPEGs, default 64 of 640x480)."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        width, height = parse_image_size(source.partition(":")[2] or "640x480")
+        blobs = [("image/jpeg", b) for b in
+                 synthetic_images(num_images or DEFAULT_NUM_SYNTHETIC_IMAGES, width, height, seed)]
+    else:
+        if not os.path.isdir(source):
+            raise ValueError(f"{source}: not a directory (or 'synthetic:WxH')")
+        names = sorted(n for n in os.listdir(source) if os.path.splitext(n)[1].lower() in IMAGE_TYPES)
+        if not names:
+            raise ValueError(f"{source}: no image files ({' '.join(IMAGE_TYPES)})")
+        blobs = []
+        for name in names[:num_images]:
+            with open(os.path.join(source, name), "rb") as f:
+                blobs.append((IMAGE_TYPES[os.path.splitext(name)[1].lower()], f.read()))
+    return [{"image": f"data:{mime};base64,{base64.b64encode(blob).decode()}"} for mime, blob in blobs]
 
 
 # ---------------------------------------------------------------------------
@@ -622,19 +678,25 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--label", default="", help="free text naming the software under test, stored in the JSON")
     server.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds (default: %(default)s)")
 
-    data = parser.add_argument_group("texts")
+    data = parser.add_argument_group("inputs")
     data.add_argument("--dataset", help="file with one text per line, or .jsonl with a 'text' field; "
                                         "default: synthetic texts")
+    data.add_argument("--images", metavar="DIR|synthetic[:WxH]",
+                      help="send images instead of texts, each input an item {\"image\": data URI} (tp-embed's "
+                           "format for CLIP and GME): the image files of DIR, or synthetic JPEGs of WxH pixels "
+                           "(default 640x480)")
     data.add_argument("--num-texts", type=int, default=None,
-                      help=f"number of synthetic texts (default {DEFAULT_NUM_SYNTHETIC_TEXTS}); "
-                           "with --dataset, use only the first N")
+                      help=f"number of synthetic texts (default {DEFAULT_NUM_SYNTHETIC_TEXTS}) or images "
+                           f"(default {DEFAULT_NUM_SYNTHETIC_IMAGES}); with --dataset or an --images DIR, "
+                           "use only the first N")
     data.add_argument("--synthetic-min-words", type=int, default=8, help="shortest synthetic text, words (default: %(default)s)")
     data.add_argument("--synthetic-max-words", type=int, default=128, help="longest synthetic text, words (default: %(default)s)")
-    data.add_argument("--seed", type=int, default=0, help="seed for synthetic texts and Poisson arrivals (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=0, help="seed for synthetic texts and images and Poisson arrivals (default: %(default)s)")
 
     load = parser.add_argument_group("load (list flags sweep: every combination is one point)")
     load.add_argument("--inputs-per-request", type=positive_int_list, default="1",
-                      help="texts per request, comma-separated sweep, e.g. 1,32 (default: %(default)s)")
+                      help="inputs (texts or images) per request, comma-separated sweep, e.g. 1,32 "
+                           "(default: %(default)s)")
     load.add_argument("--concurrency", type=positive_int_list, default="1",
                       help="closed loop: number of workers; open loop: cap on requests in flight; "
                            "comma-separated sweep, e.g. 1,8 (default: %(default)s)")
@@ -676,6 +738,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.synthetic_max_words < args.synthetic_min_words:
         parser.error("--synthetic-max-words must be >= --synthetic-min-words")
+    if args.images is not None:
+        if args.dataset is not None:
+            parser.error("--images and --dataset are alternatives: give one")
+        if args.images.startswith("synthetic:"):
+            try:
+                parse_image_size(args.images.partition(":")[2])
+            except ValueError as e:
+                parser.error(f"--images: {e}")
+        elif args.images != "synthetic" and not os.path.isdir(args.images):
+            parser.error(f"--images: {args.images} is not a directory (or 'synthetic:WxH')")
     if args.duration is not None and not args.duration > 0:
         parser.error("--duration must be > 0")
     if args.warmup_requests < 0:
@@ -688,7 +760,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_texts(args: argparse.Namespace) -> list[str]:
+def load_texts(args: argparse.Namespace) -> list:
+    """The inputs the requests cycle through: texts, or image items with --images."""
+    if getattr(args, "images", None):
+        return load_images(args.images, args.num_texts, args.seed)
     if args.dataset:
         return load_dataset(args.dataset)[:args.num_texts]  # [:None] keeps all
     return synthetic_texts(args.num_texts or DEFAULT_NUM_SYNTHETIC_TEXTS,

@@ -232,9 +232,13 @@ def short_error(error: str) -> str:
 def format_markdown(rows: list[dict], result: dict) -> str:
     """A section for docs/performance.md: setup, the ratio table, and what did not run."""
     config, machine = result["config"], result["machine"]
-    texts = (f"{result['num_texts']} texts from {config['dataset']}" if config["dataset"] else
-             f"{result['num_texts']} synthetic texts of {config['synthetic_min_words']}-"
-             f"{config['synthetic_max_words']} words")
+    if config.get("images"):
+        texts = f"{result['num_texts']} images ({config['images']})"
+    elif config["dataset"]:
+        texts = f"{result['num_texts']} texts from {config['dataset']}"
+    else:
+        texts = (f"{result['num_texts']} synthetic texts of {config['synthetic_min_words']}-"
+                 f"{config['synthetic_max_words']} words")
     setup = (f"Compared on {machine['cpu_model']} ({machine['cpu_count_usable']} usable CPUs), "
              f"{result['started_at']}: {os.path.basename(result['model_dir'].rstrip('/'))}, float32, {texts}, "
              f"{config['encoding_format']} responses; {config['num_requests']} timed requests per run after "
@@ -319,11 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds a server may take to answer GET /v1/models (default: %(default)s)")
     servers.add_argument("--log-dir", help="server logs go here (default: a new temporary folder)")
 
-    data = parser.add_argument_group("texts")
+    data = parser.add_argument_group("inputs")
+    data.add_argument("--images", metavar="DIR|synthetic[:WxH]",
+                      help="send images instead of texts, as tp-embed's items {\"image\": data URI} (see "
+                           "bench_serving.py --images; --num-texts then counts images, default 64): only for "
+                           "servers that take that format, so peers must be NAME=COMMAND ones (e.g. another "
+                           "tp-embed build) and --check is not available")
     data.add_argument("--dataset", help="file with one text per line, or .jsonl with a 'text' field; "
                                         "default: synthetic texts")
-    data.add_argument("--num-texts", type=int, default=2000,
-                      help="number of synthetic texts; with --dataset, the first N (default: %(default)s)")
+    data.add_argument("--num-texts", type=int, default=None,
+                      help="number of synthetic texts (default 2000) or images (default 64); of a --dataset "
+                           "or an --images DIR, the first N")
     data.add_argument("--synthetic-min-words", type=int, default=5,
                       help="shortest synthetic text, words (default: %(default)s)")
     data.add_argument("--synthetic-max-words", type=int, default=200,
@@ -360,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("num_texts", "rounds", "num_requests", "synthetic_min_words"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.synthetic_max_words < args.synthetic_min_words:
         parser.error("--synthetic-max-words must be >= --synthetic-min-words")
@@ -379,6 +389,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = [s.name for s in args.servers]
     if len(set(names)) != len(names):
         parser.error(f"server names must differ: {names}")
+    if args.images is not None:
+        presets = [s.name for s in args.peers if s.package is not None]
+        if presets:
+            parser.error(f"--images: {', '.join(presets)} would not take tp-embed's image items; compare "
+                         "with NAME=COMMAND peers")
+        if args.check:
+            parser.error("--images: --check compares with sentence-transformers' text vectors; leave it out")
+        if args.dataset is not None:
+            parser.error("--images and --dataset are alternatives: give one")
+        try:
+            bs.load_images(args.images, 1)  # the source is usable: a directory with images, or a valid size
+        except ValueError as exc:
+            parser.error(f"--images: {exc}")
+    if args.num_texts is None:
+        args.num_texts = bs.DEFAULT_NUM_SYNTHETIC_IMAGES if args.images is not None else 2000
     for name, body in args.extra_body:
         if name not in names:
             parser.error(f"--extra-body names {name!r}, which is not one of {names}")
@@ -731,7 +756,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the comparison described by argv; print, save and return the result."""
     args = parse_args(argv)
     texts = bs.load_texts(argparse.Namespace(
-        dataset=args.dataset, num_texts=args.num_texts, seed=args.seed,
+        images=args.images, dataset=args.dataset, num_texts=args.num_texts, seed=args.seed,
         synthetic_min_words=args.synthetic_min_words, synthetic_max_words=args.synthetic_max_words))
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="compare-")
     os.makedirs(log_dir, exist_ok=True)

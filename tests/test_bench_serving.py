@@ -3,6 +3,7 @@ end-to-end runs against a fake OpenAI embeddings server on loopback."""
 
 import base64
 import hashlib
+import io
 import json
 import math
 import socket
@@ -142,6 +143,10 @@ def test_parse_sweeps():
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--images", "synthetic:64"], "WIDTHxHEIGHT"),
+    (["--images", "synthetic:0x5"], "WIDTHxHEIGHT"),
+    (["--images", "/no/such/dir"], "is not a directory"),
+    (["--images", "synthetic", "--dataset", "t.txt"], "alternatives"),
     (["--concurrency", "1,x"], "comma-separated integers"),
     (["--concurrency", "0"], ">= 1"),
     (["--request-rate", "-1"], "rates must be > 0"),
@@ -179,8 +184,10 @@ def fake_vector(text: str) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def make_app(corrupt_texts=(), fail_texts=()):
-    """Deterministic vectors per text; wrong vectors for corrupt_texts, 500 for requests containing fail_texts."""
+def make_app(corrupt_texts=(), fail_texts=(), received=None):
+    """Deterministic vectors per text; wrong vectors for corrupt_texts, 500 for requests containing fail_texts.
+    Every input received is appended to `received`."""
+    received = [] if received is None else received
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -200,6 +207,9 @@ def make_app(corrupt_texts=(), fail_texts=()):
         if body.get("model") != MODEL:
             return JSONResponse({"error": "unknown model"}, status_code=404)
         texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        received.extend(texts)
+        # an image item stands for its data URI: vectors and token counts follow that text
+        texts = [t if isinstance(t, str) else t["image"] for t in texts]
         if any(t in fail_texts for t in texts):
             return JSONResponse({"error": "boom"}, status_code=500)
         data = []
@@ -341,3 +351,48 @@ def test_duration_mode_stops(dataset, tmp_path):
     (point,) = result["points"]
     assert point["num_requests"] > 0 and point["num_errors"] == 0
     assert point["wall_time_s"] == pytest.approx(0.3, abs=0.2)
+
+
+def test_synthetic_images_are_deterministic_jpegs_of_the_asked_size():
+    from PIL import Image
+    images = bs.synthetic_images(3, 40, 30, seed=1)
+    assert images == bs.synthetic_images(3, 40, 30, seed=1) and images != bs.synthetic_images(3, 40, 30, seed=2)
+    assert len(set(images)) == 3
+    for blob in images:
+        with Image.open(io.BytesIO(blob)) as im:
+            assert (im.format, im.size, im.mode) == ("JPEG", (40, 30), "RGB")
+
+
+def test_load_images_from_a_directory(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (4, 3), "red").save(tmp_path / "b.png")
+    Image.new("RGB", (5, 2), "blue").save(tmp_path / "a.JPG", format="JPEG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    items = bs.load_images(str(tmp_path))
+    assert [item["image"].split(";")[0] for item in items] == ["data:image/jpeg", "data:image/png"]  # by name
+    assert base64.b64decode(items[1]["image"].split(",", 1)[1]) == (tmp_path / "b.png").read_bytes()
+    assert len(bs.load_images(str(tmp_path), num_images=1)) == 1
+    (tmp_path / "a.JPG").unlink()
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(ValueError, match="no image files"):
+        bs.load_images(str(tmp_path))
+
+
+def test_end_to_end_with_image_items(tmp_path):
+    """--images sends items {"image": data URI}, cycling through the images; vectors checked by cosine."""
+    from PIL import Image
+    received = []
+    images = bs.load_images("synthetic:32x24", 5, seed=0)
+    np.save(tmp_path / "ref.npy", np.stack([fake_vector(item["image"]) for item in images]))
+    with ServerThread(make_app(received=received)) as base_url:
+        result = bs.main(["--base-url", base_url, "--images", "synthetic:32x24", "--num-texts", "5",
+                          "--inputs-per-request", "2", "--concurrency", "2", "--num-requests", "6",
+                          "--warmup-requests", "1", "--no-progress", "--check", str(tmp_path / "ref.npy")])
+    (point,) = result["points"]
+    assert point["num_errors"] == 0 and point["checked_vectors"] == 12 and point["mismatches"] == 0
+    assert result["num_texts"] == 5 and len(received) == 2 * 7
+    assert {item["image"] for item in received} == {item["image"] for item in images}
+    header, data = received[0]["image"].split(",", 1)
+    assert header == "data:image/jpeg;base64"
+    with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+        assert im.size == (32, 24)

@@ -35,6 +35,16 @@ def test_defaults_are_the_issue_grid():
     assert "--allow-auto-truncate" in ours.command and "--dtype float32" in ours.command
 
 
+def test_images_default_to_64_and_name_themselves_in_the_markdown():
+    args = compare.parse_args(["--peer", "before=serve {port}", "--images", "synthetic:32x24"])
+    assert args.num_texts == 64 and args.images == "synthetic:32x24"
+    assert compare.parse_args(["--peer", "b=serve {port}", "--images", "synthetic", "--num-texts", "5"]).num_texts == 5
+    config = {k: v for k, v in vars(args).items() if k not in ("servers", "peers", "extra_body")}
+    result = {"config": config, "num_texts": 64, "started_at": "now", "model_dir": "/m/clip",
+              "machine": {"cpu_model": "cpu", "cpu_count_usable": 2}, "servers": {}}
+    assert "64 images (synthetic:32x24)" in compare.format_markdown([], result)
+
+
 def test_peer_specs_presets_pythons_and_custom_commands():
     args = compare.parse_args([
         "--peer", "vllm:/peers/vllm/bin/python", "--peer", "infinity", "--peer", "st:/other/python",
@@ -68,6 +78,10 @@ def test_extra_body_replaces_the_preset_and_leaves_it_unchanged():
     (["--peer", "st", "--rounds", "0"], "--rounds must be >= 1"),
     (["--peer", "st", "--ours", "launch.py"], "--ours must contain {port}"),
     (["--peer", "st", "--concurrency", "1,0"], ">= 1"),
+    (["--peer", "st", "--images", "synthetic"], "st would not take tp-embed's image items"),
+    (["--peer", "b=serve {port}", "--images", "synthetic", "--check"], "--check compares"),
+    (["--peer", "b=serve {port}", "--images", "synthetic:7"], "WIDTHxHEIGHT"),
+    (["--peer", "b=serve {port}", "--images", "synthetic", "--dataset", "t.txt"], "alternatives"),
 ])
 def test_bad_arguments_give_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
