@@ -36,7 +36,8 @@ def clip_server(tmp_path_factory):
     images = tiny_clip.make_images()
     for name, image in images.items():
         image.save(media / f"{name}.png")
-    args = ["--model-path", model, "--tp", "2", "--allowed-local-media-path", str(media), "--max-image-pixels", "100000"]
+    args = ["--model-path", model, "--tp", "2", "--allowed-local-media-path", str(media), "--max-image-pixels", "100000",
+            "--max-request-images", "4"]
     with ServerProcess(args, nproc=2, log_path=root / "server.log") as server:
         yield server, model, media, images
 
@@ -87,6 +88,17 @@ def test_image_over_the_pixel_cap_is_refused(clip_server):
     big = data_uri(Image.new("RGB", (400, 400)))  # 160,000 pixels over the 100,000 cap
     r = server.post("/v1/embeddings", json={"input": [{"image": big}]})
     assert r.status_code == 400 and "input[0].image" in r.json()["error"]["message"]
+
+
+def test_more_images_than_allowed_is_refused_before_any_is_fetched(clip_server):
+    server, _, media, images = clip_server
+    # five images over the limit of 4; the last is a URL nothing answers, so fetching would fail another way
+    items = [{"image": data_uri(images["square"])}] * 4 + [{"text": "a"}, {"image": "http://127.0.0.1:1/x.png"}]
+    r = server.post("/v1/embeddings", json={"input": items})
+    assert r.status_code == 400, r.text
+    assert "input has 5 images; at most 4 are allowed per request (--max-request-images)" in r.json()["error"]["message"]
+    r = server.post("/v1/embeddings", json={"input": items[:4] + [{"text": "a"}]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 5
 
 
 def test_clip_refuses_text_and_image_in_one_item(clip_server):

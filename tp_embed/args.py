@@ -139,6 +139,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="PIXELS",
                    help="largest image in width x height, checked from its header before decoding "
                         "(default 40,000,000; an 8K frame is 33 million)")
+    g.add_argument("--max-request-images", type=int, default=64, metavar="N",
+                   help="most images in one request (default 64): each is fetched, decoded and preprocessed "
+                        "before the request is queued (CLIP-L/336: 1.4 MB of pixels an image, GME up to 24 MB), "
+                        "so this bounds the memory and time one request takes; more is a 400")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
                    help="largest encoded image file, fetched, read or base64-decoded (default 20 MiB)")
     g.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -184,7 +188,7 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         p.error(f"--min-pixels {args.min_pixels} and --max-pixels {args.max_pixels}: need "
                 f"1 <= min-pixels <= max-pixels")
     for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers", "max_image_pixels",
-                 "max_image_bytes"):
+                 "max_image_bytes", "max_request_images"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -284,6 +284,11 @@ class EmbeddingServer:
             raise APIError(400, "prompt_name applies to plain text inputs, not to items", param="prompt_name")
         if req.instruction is not None:
             check_text(req.instruction, "instruction", param="instruction")
+        num_images = sum(ref is not None for _, ref in items)
+        if num_images > self.args.max_request_images:
+            raise APIError(400, f"input has {num_images} images; at most {self.args.max_request_images} are "
+                                f"allowed per request (--max-request-images): send them in several requests",
+                           param="input")
         loaded = []
         for i, (text, ref) in enumerate(items):
             try:
