@@ -35,7 +35,8 @@ class Metrics:
                                          "time from receiving an embeddings request to its response",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.tokenize_latency = Histogram("tp_embed_tokenize_seconds",
-                                          "time to parse, validate and tokenize one request (thread pool)",
+                                          "time to parse, validate and tokenize one request, images fetched and "
+                                          "preprocessed included (thread pool)",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.queue_latency = Histogram("tp_embed_queue_seconds",
                                        "time from admission to the last input's result",
