@@ -340,7 +340,8 @@ class ClipProcessor:
             images = [i for i in group if prepared[i].input_ids is None]
             pixels = grid = None
             if images:
-                pixels = torch.stack([prepared[i].pixels for i in images])
+                rows = [prepared[i].pixels for i in images]
+                pixels = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # one image: no copy
                 grid = torch.tensor([[1, self.grid, self.grid]] * len(images), dtype=torch.int32)
             batch = Batch.from_token_ids([prepared[i].input_ids for i in texts], pixel_values=pixels,
                                          image_grid_thw=grid)
