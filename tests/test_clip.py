@@ -328,3 +328,15 @@ def test_pooling_flag_is_refused(checkpoints, tmp_path):
     assert proc.returncode != 0
     assert "--pooling mean does not apply to" in proc.stderr and "leave --pooling out" in proc.stderr
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_stack_rows_is_a_view_only_for_consecutive_rows_of_one_tensor():
+    from tp_embed.models.clip import stack_rows
+    base, other = torch.randn(5, 12), torch.randn(2, 12)
+    rows = list(base)
+    for picked in (rows, rows[1:4], rows[3:4]):  # one request's images, in order: no copy
+        got = stack_rows(picked)
+        assert got.data_ptr() == picked[0].data_ptr() and torch.equal(got, torch.stack(picked))
+    for picked in ([rows[0], rows[2]], [rows[4], other[0]], [rows[1], rows[0]]):  # gaps, two tensors, reordered
+        got = stack_rows(picked)
+        assert got.data_ptr() not in (base.data_ptr(), other.data_ptr()) and torch.equal(got, torch.stack(picked))

@@ -340,8 +340,7 @@ class ClipProcessor:
             images = [i for i in group if prepared[i].input_ids is None]
             pixels = grid = None
             if images:
-                rows = [prepared[i].pixels for i in images]
-                pixels = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # one image: no copy
+                pixels = stack_rows([prepared[i].pixels for i in images])
                 grid = torch.tensor([[1, self.grid, self.grid]] * len(images), dtype=torch.int32)
             batch = Batch.from_token_ids([prepared[i].input_ids for i in texts], pixel_values=pixels,
                                          image_grid_thw=grid)
@@ -370,6 +369,18 @@ class ClipProcessor:
         if current:
             batches.append(current)
         return batches
+
+
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[D] rows -> [len(rows), D]: a view where they are consecutive rows of one contiguous tensor (the
+    images of one request, as pixel_rows made them), else a copy."""
+    first, width = rows[0], rows[0].numel()
+    storage = first.untyped_storage().data_ptr()
+    if first.is_contiguous() and all(r.is_contiguous() and r.untyped_storage().data_ptr() == storage
+                                     and r.storage_offset() == first.storage_offset() + k * width
+                                     for k, r in enumerate(rows)):
+        return first.as_strided((len(rows), width), (width, 1))
+    return torch.stack(rows)
 
 
 @dataclass
