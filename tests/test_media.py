@@ -253,6 +253,8 @@ def loopback_server():
             if self.path == "/slow.png":
                 time.sleep(1.5)  # the client has given up by now: answer nothing
                 return
+            if self.path.startswith("/late"):
+                time.sleep(0.6)  # then answers
             if self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "/cat.png")
@@ -290,6 +292,23 @@ def test_fetch_timeout(loopback_server):
     refused(base + "/slow.png", MediaConfig(allow_private_urls=True, fetch_timeout=0.3),
             match=r"timed out after 0.3 s \(--media-fetch-timeout\)")
     assert time.monotonic() - started < 1.2
+
+
+def test_a_requests_urls_are_fetched_at_once_and_errors_stay_in_place(loopback_server):
+    """Eight URLs that each take 0.6 s: about 0.6 s together, not 4.8; None stays None and a refused
+    reference comes back as its MediaError at its own position."""
+    from tp_embed.media import load_images
+    base, _ = loopback_server
+    cfg = MediaConfig(allow_private_urls=True)
+    refs = [f"{base}/late{i}.png" for i in range(8)] + [None, "data:image/png;base64,@@@"]
+    started = time.monotonic()
+    got = load_images(refs, cfg)
+    assert time.monotonic() - started < 3.0
+    for image in got[:8]:
+        np.testing.assert_array_equal(np.asarray(image), PIXELS)
+    assert got[8] is None and isinstance(got[9], MediaError)
+    assert isinstance(load_images([base + "/cat.png", "/etc/passwd"], MediaConfig(allow_private_urls=True))[1],
+                      MediaError)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import stat
 import time
 import urllib.parse
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -80,6 +81,28 @@ def load_image(ref: str, cfg: MediaConfig) -> Image.Image:
     else:
         data = decode_base64(ref, cfg, "base64 image")
     return decode_image(data, cfg)
+
+
+FETCH_THREADS = 8  # the URLs of one request fetched at once
+
+
+def load_images(refs: list, cfg: MediaConfig) -> list:
+    """load_image for every reference (None stays None), in order; a refused one comes back as its
+    MediaError instead of an image. With several http(s) URLs they are fetched FETCH_THREADS at a time, so
+    N slow URLs hold the caller for about N / FETCH_THREADS fetch timeouts, not N."""
+    def load(ref):
+        if ref is None:
+            return None
+        try:
+            return load_image(ref, cfg)
+        except MediaError as e:
+            return e
+
+    urls = sum(isinstance(r, str) and r.strip().lower().startswith(("http://", "https://")) for r in refs)
+    if urls < 2:
+        return [load(ref) for ref in refs]
+    with ThreadPoolExecutor(min(FETCH_THREADS, len(refs)), thread_name_prefix="tp-embed-fetch") as pool:
+        return list(pool.map(load, refs))
 
 
 def describe(ref: str, limit: int = 80) -> str:

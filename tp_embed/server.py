@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tp_embed.config import ConfigError
 from tp_embed.engine import Engine, InputTooLongError
 from tp_embed.items import Item
-from tp_embed.media import MediaConfig, MediaError, load_image
+from tp_embed.media import MediaConfig, MediaError, load_images
 from tp_embed.metrics import Metrics
 from tp_embed.openai_protocol import (APIError, EmbeddingRequest, TokenizeRequest, check_encoding_format,
                                       check_text, check_token_ids, parse_input, parse_items, parse_json_body,
@@ -290,11 +290,10 @@ class EmbeddingServer:
                                 f"allowed per request (--max-request-images): send them in several requests",
                            param="input")
         loaded = []
-        for i, (text, ref) in enumerate(items):
-            try:
-                image = load_image(ref, self.media_config) if ref is not None else None
-            except MediaError as e:
-                raise APIError(400, f"input[{i}].image: {e}", param="input", code="invalid_image") from None
+        images = load_images([ref for _, ref in items], self.media_config)  # URLs fetched concurrently
+        for i, ((text, _), image) in enumerate(zip(items, images)):
+            if isinstance(image, MediaError):
+                raise APIError(400, f"input[{i}].image: {image}", param="input", code="invalid_image")
             loaded.append(Item(text=text, image=image, instruction=req.instruction))
         try:
             prepared = self.engine.prepare_items(loaded, truncate, self._local.text)
