@@ -233,10 +233,7 @@ class Scheduler:
                     job.num_done += end - start
                     if job.num_done == len(job.sequences):
                         finished.append(job)
-                finished = [job for job in finished if job in self._active]  # not cancelled meanwhile
-                for job in finished:
-                    self._active.discard(job)
-                    self._release(job)
+                finished = self._finish_locked(finished)
             if finished:
                 self.deliver(finished)
 
@@ -260,26 +257,32 @@ class Scheduler:
         so the ranks stay in step; it fails these jobs."""
         t0 = time.perf_counter()
         try:
-            pooled = engine.embed_prepared([p for job in jobs for p in job.items])
+            pooled, error = engine.embed_prepared([p for job in jobs for p in job.items]), None
         except ValueError as e:
-            pooled = e
+            pooled, error = None, e
         seconds = time.perf_counter() - t0
         row = 0
         with self._cond:
             for job in jobs:
-                if isinstance(pooled, ValueError):
-                    job.error = pooled
+                if error is not None:
+                    job.error = error
                 else:
                     job.outputs = pooled[row:row + len(job.items)]
                     row += len(job.items)
-            finished = [job for job in jobs if job in self._active]  # not cancelled meanwhile
-            for job in finished:
-                self._active.discard(job)
-                self._release(job)
-        if self.metrics is not None and not isinstance(pooled, ValueError):
+            finished = self._finish_locked(jobs)
+        if self.metrics is not None and error is None:
             self.metrics.observe_batch(len(jobs), row, sum(job.num_tokens for job in jobs), seconds, 0)
         if finished:
             self.deliver(finished)
+
+    def _finish_locked(self, jobs: list[Job]) -> list[Job]:
+        """Of jobs whose outputs or error are set, those still active (not cancelled meanwhile): no longer
+        active, their tokens released; the caller delivers them. Called with the lock held."""
+        finished = [job for job in jobs if job in self._active]
+        for job in finished:
+            self._active.discard(job)
+            self._release(job)
+        return finished
 
     def _pack(self, max_batch_tokens: int, max_batch_seqs: int) -> list[tuple[Job, int, int]]:
         """Take (job, start, end) slices from the head of the queue until the batch is full. An input
