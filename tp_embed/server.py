@@ -231,7 +231,9 @@ class EmbeddingServer:
         truncate = req.truncate if req.truncate is not None else self.args.allow_auto_truncate
         items = parse_items(req.input)
         if items is not None and engine.processor is not None:
-            return self.prepare_items(req, items, truncate)
+            prepared = self.prepare_items(req, items, truncate)
+            # usage and the queue budget count what the batches will hold: text, template and image tokens
+            return self.prepared(req, t0, [], engine.prepared_tokens(prepared), items=prepared)
         if items is not None:  # a text-only model takes items that hold text only
             images = [i for i, (_, image) in enumerate(items) if image is not None]
             if images:
@@ -271,15 +273,19 @@ class EmbeddingServer:
             # split over several batches: sorted by length, each batch pads its attention less (SDPA)
             order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
             sequences = [sequences[i] for i in order]
-        self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
-        normalize = req.normalize if req.normalize is not None else engine.normalize
-        return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order)
+        return self.prepared(req, t0, sequences, num_tokens, order)
 
-    def prepare_items(self, req: EmbeddingRequest, items: list, truncate: bool) -> PreparedEmbedding:
+    def prepared(self, req: EmbeddingRequest, t0: float, sequences: list, num_tokens: int,
+                 order: list[int] | None = None, items: list | None = None) -> PreparedEmbedding:
+        """A request's PreparedEmbedding, its preparation since t0 observed as its tokenize time."""
+        self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
+        normalize = req.normalize if req.normalize is not None else self.engine.normalize
+        return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order, items)
+
+    def prepare_items(self, req: EmbeddingRequest, items: list, truncate: bool) -> list:
         """Tokenizer pool: fetch and decode every image, then the model's processor tokenizes, renders
-        prompts and preprocesses images (all off the event loop and the engine thread); a bad item is a
-        400 that names it."""
-        t0 = time.perf_counter()
+        prompts and preprocesses images (all off the event loop and the engine thread) into its prepared
+        inputs; a bad item is a 400 that names it."""
         if req.prompt_name is not None:
             raise APIError(400, "prompt_name applies to plain text inputs, not to items", param="prompt_name")
         if req.instruction is not None:
@@ -296,16 +302,11 @@ class EmbeddingServer:
                 raise APIError(400, f"input[{i}].image: {image}", param="input", code="invalid_image")
             loaded.append(Item(text=text, image=image, instruction=req.instruction))
         try:
-            prepared = self.engine.prepare_items(loaded, truncate, self._local.text)
+            return self.engine.prepare_items(loaded, truncate, self._local.text)
         except InputTooLongError as e:
             raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
         except ValueError as e:
             raise APIError(400, str(e), param="input") from None
-        # usage and the queue budget count what the batches will hold: text, template and image tokens
-        num_tokens = self.engine.prepared_tokens(prepared)
-        self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
-        normalize = req.normalize if req.normalize is not None else self.engine.normalize
-        return PreparedEmbedding([], num_tokens, req.dimensions, normalize, req.encoding_format, None, prepared)
 
     async def wait_for(self, job: Job, request: Request, deadline: float) -> None:
         """Until the job's result, the client's disconnect or the deadline; the last two drop the job."""
