@@ -64,7 +64,7 @@ def main() -> None:
             engine.max_batch_tokens, engine.processor.max_batch_images = 40, 2
             np.save(f"{name}.small.npy", embed(items))
         if model.get("truncate_items"):
-            vectors = engine.processor.embed(engine, build_items(model["truncate_items"], media), truncate=True)
+            vectors = engine.embed_items(build_items(model["truncate_items"], media), truncate=True)
             np.save(f"{name}.truncated.npy", truncate_and_normalize(vectors, None, engine.normalize).numpy())
         texts = [item.text for item in items if item.text is not None]
         if texts:

@@ -20,6 +20,7 @@ import tiny_clip as tc
 import tiny_models as tm
 from dist_utils import cosines, run, torchrun_cmd
 from tp_embed.config import ConfigError, ModelConfig
+from tp_embed.engine import Engine
 from tp_embed.items import Item
 from tp_embed.media import MediaConfig, load_image
 from tp_embed.models.clip import ClipProcessor, eos_token_indices
@@ -263,11 +264,14 @@ def test_preprocessor_must_crop_to_the_towers_size(checkpoints, tmp_path):
 
 
 class RecordingEngine:
-    """Stands in for the engine: records each batch and returns, per text, its token count and, per
-    image, its mean pixel, so the reassembled order can be checked."""
+    """Stands in for the engine around `processor` (the engine's own embed_items, prepare_items and
+    embed_prepared): records each batch and returns, per text, its token count and, per image, its mean
+    pixel, so the reassembled order can be checked."""
+    embed_items, prepare_items, embed_prepared = Engine.embed_items, Engine.prepare_items, Engine.embed_prepared
 
-    def __init__(self, text, max_batch_tokens, max_batch_seqs, allow_auto_truncate=False):
-        self.text, self.max_batch_tokens, self.max_batch_seqs = text, max_batch_tokens, max_batch_seqs
+    def __init__(self, processor, text, max_batch_tokens, max_batch_seqs, allow_auto_truncate=False):
+        self.processor, self.text = processor, text
+        self.max_batch_tokens, self.max_batch_seqs = max_batch_tokens, max_batch_seqs
         self.args = argparse.Namespace(allow_auto_truncate=allow_auto_truncate)
         self.hidden_size, self.batches = 2, []
 
@@ -293,8 +297,8 @@ def test_packing_respects_budgets_and_keeps_item_order(checkpoints):
     images = [im.convert("RGB") for im in tc.make_images().values()]
     items = [Item(text=t) for t in TEXTS] + [Item(image=im) for im in images]
     items = items[::2] + items[1::2]
-    engine = RecordingEngine(text, max_batch_tokens=60, max_batch_seqs=3)
-    out = proc.embed(engine, items)
+    engine = RecordingEngine(proc, text, max_batch_tokens=60, max_batch_seqs=3)
+    out = engine.embed_items(items)
     for batch in engine.batches:
         assert batch.num_tokens + proc.tokens_per_image * batch.num_images <= 60
         assert batch.num_seqs + batch.num_images <= 3 and batch.num_images <= 2
@@ -316,9 +320,9 @@ def test_allow_auto_truncate_is_the_default(checkpoints):
     text = TextProcessor(path, cfg, SentenceTransformersConfig(), None, False)
     items = [Item(text="short"), Item(text=LONG_TEXT)]
     with pytest.raises(InputTooLongError, match="input 1 has"):
-        ClipProcessor(path, cfg).embed(RecordingEngine(text, 1000, 8), items)
-    engine = RecordingEngine(text, 1000, 8, allow_auto_truncate=True)
-    assert ClipProcessor(path, cfg).embed(engine, items)[:, 0].tolist() == [len(text.encode(["short"], False)[0]), 77]
+        RecordingEngine(ClipProcessor(path, cfg), text, 1000, 8).embed_items(items)
+    engine = RecordingEngine(ClipProcessor(path, cfg), text, 1000, 8, allow_auto_truncate=True)
+    assert engine.embed_items(items)[:, 0].tolist() == [len(text.encode(["short"], False)[0]), 77]
 
 
 def test_pooling_flag_is_refused(checkpoints, tmp_path):

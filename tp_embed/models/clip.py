@@ -347,12 +347,6 @@ class ClipProcessor:
             out[texts + images] = engine.forward_batch(batch)  # the model returns texts first, then images
         return out
 
-    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
-        """prepare_items with the engine's own TextProcessor, then embed_prepared. `truncate` None
-        follows --allow-auto-truncate."""
-        truncate = engine.args.allow_auto_truncate if truncate is None else truncate
-        return self.embed_prepared(engine, self.prepare_items(engine.text, items, truncate))
-
     def pack(self, costs: list[int], is_image: list[bool], max_batch_tokens: int,
              max_batch_seqs: int) -> list[list[int]]:
         """Group positions 0..n-1, in order, into batches of at most max_batch_tokens tokens,

@@ -337,7 +337,3 @@ class GmeProcessor:
         """float32 [len(prepared), hidden], pooled as the engine pools (last token), not normalized."""
         return engine.embed_by_length([len(p.input_ids) for p in prepared],
                                       lambda idx: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
-
-    def embed(self, engine, items: list, truncate: bool | None = None) -> torch.Tensor:
-        """prepare_items with the engine's TextProcessor, then embed_prepared."""
-        return self.embed_prepared(engine, self.prepare_items(engine.text, items, truncate))
