@@ -61,12 +61,17 @@ class MediaConfig:
                            fetch_timeout=args.media_fetch_timeout)
 
 
+def uri_scheme(ref: str) -> str:
+    """The lower-cased URI scheme a reference starts with ("data", "https", ...), or "" (base64, a path)."""
+    return ref.split(":", 1)[0].lower() if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", ref) else ""
+
+
 def load_image(ref: str, cfg: MediaConfig) -> Image.Image:
     """A client's image reference -> a decoded RGB image; raises MediaError."""
     if not isinstance(ref, str) or not ref.strip():
         raise MediaError("an image must be a non-empty string: a data URI, base64, an http(s) URL or a file path")
     ref = ref.strip()
-    scheme = ref.split(":", 1)[0].lower() if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", ref) else ""
+    scheme = uri_scheme(ref)
     if scheme == "data":
         data = decode_data_uri(ref, cfg)
     elif scheme in ("http", "https"):
@@ -98,7 +103,7 @@ def load_images(refs: list, cfg: MediaConfig) -> list:
         except MediaError as e:
             return e
 
-    urls = sum(isinstance(r, str) and r.strip().lower().startswith(("http://", "https://")) for r in refs)
+    urls = sum(isinstance(r, str) and uri_scheme(r.strip()) in ("http", "https") for r in refs)
     if urls < 2:
         return [load(ref) for ref in refs]
     with ThreadPoolExecutor(min(FETCH_THREADS, len(refs)), thread_name_prefix="tp-embed-fetch") as pool:
