@@ -180,6 +180,25 @@ def synthetic_images(num_images: int, width: int, height: int, seed: int = 0) ->
     return out
 
 
+def image_files(directory: str) -> list[str]:
+    """The names of a directory's image files (.png .jpg .jpeg .webp .gif .bmp), sorted; ValueError if
+    it is not a directory or holds none."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory (or 'synthetic:WxH')")
+    names = sorted(n for n in os.listdir(directory) if os.path.splitext(n)[1].lower() in IMAGE_TYPES)
+    if not names:
+        raise ValueError(f"{directory}: no image files ({' '.join(IMAGE_TYPES)})")
+    return names
+
+
+def check_image_source(source: str) -> None:
+    """ValueError unless --images names a usable source: synthetic[:WxH], or a directory with images."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        parse_image_size(source.partition(":")[2] or "640x480")
+    else:
+        image_files(source)
+
+
 def load_images(source: str, num_images: int | None = None, seed: int = 0) -> list[dict]:
     """Inputs {"image": "data:<type>;base64,..."} (tp-embed's items, for CLIP and GME): `source` is a
     directory (its image files by name: .png .jpg .jpeg .webp .gif .bmp, the first num_images) or
@@ -189,13 +208,8 @@ def load_images(source: str, num_images: int | None = None, seed: int = 0) -> li
         blobs = [("image/jpeg", b) for b in
                  synthetic_images(num_images or DEFAULT_NUM_SYNTHETIC_IMAGES, width, height, seed)]
     else:
-        if not os.path.isdir(source):
-            raise ValueError(f"{source}: not a directory (or 'synthetic:WxH')")
-        names = sorted(n for n in os.listdir(source) if os.path.splitext(n)[1].lower() in IMAGE_TYPES)
-        if not names:
-            raise ValueError(f"{source}: no image files ({' '.join(IMAGE_TYPES)})")
         blobs = []
-        for name in names[:num_images]:
+        for name in image_files(source)[:num_images]:
             with open(os.path.join(source, name), "rb") as f:
                 blobs.append((IMAGE_TYPES[os.path.splitext(name)[1].lower()], f.read()))
     return [{"image": f"data:{mime};base64,{base64.b64encode(blob).decode()}"} for mime, blob in blobs]
@@ -741,13 +755,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.images is not None:
         if args.dataset is not None:
             parser.error("--images and --dataset are alternatives: give one")
-        if args.images.startswith("synthetic:"):
-            try:
-                parse_image_size(args.images.partition(":")[2])
-            except ValueError as e:
-                parser.error(f"--images: {e}")
-        elif args.images != "synthetic" and not os.path.isdir(args.images):
-            parser.error(f"--images: {args.images} is not a directory (or 'synthetic:WxH')")
+        try:
+            check_image_source(args.images)
+        except ValueError as e:
+            parser.error(f"--images: {e}")
     if args.duration is not None and not args.duration > 0:
         parser.error("--duration must be > 0")
     if args.warmup_requests < 0:

@@ -399,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.dataset is not None:
             parser.error("--images and --dataset are alternatives: give one")
         try:
-            bs.load_images(args.images, 1)  # the source is usable: a directory with images, or a valid size
+            bs.check_image_source(args.images)
         except ValueError as exc:
             parser.error(f"--images: {exc}")
     if args.num_texts is None:
