@@ -75,7 +75,7 @@ def library_path(cxx: str) -> Path:
 
 
 def build(cxx: str, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """Compile into output (its directory exists: build_once made it) through a temporary name."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)
     try:
