@@ -219,6 +219,15 @@ def test_bad_requests_never_reach_the_engine(tiny):
     assert r.status_code == 200 and len(r.json()["data"]) == 2
 
 
+def test_long_inputs_leave_no_tokenizer_warning_in_the_log(tiny):
+    # transformers warns once per tokenizer that a sequence over model_max_length "will result in indexing
+    # errors"; the server measures lengths itself and answers 400 (or truncates), so the warning would only
+    # mislead whoever reads the log
+    assert tiny.post("/v1/embeddings", {"input": LONG_TEXT, "model": TINY_NAME}).status_code == 400
+    assert tiny.post("/tokenize", {"prompt": LONG_TEXT}).json()["count"] > 256
+    assert "Token indices sequence length" not in tiny.log()
+
+
 def test_routes_and_api_key(tiny):
     r = httpx.get(tiny.url + "/health")  # the one route without a key
     assert r.status_code == 200 and r.json() == {"status": "ok"}

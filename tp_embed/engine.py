@@ -77,7 +77,9 @@ class TextProcessor:
         if truncate:
             return self.tokenizer(texts, add_special_tokens=True, truncation=True,
                                   max_length=self.max_length)["input_ids"]
-        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        # verbose=False: transformers would warn that an input over model_max_length "will result in indexing
+        # errors"; check_lengths answers that with a 400 instead
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         self.check_lengths(ids)
         return ids
 

@@ -387,7 +387,8 @@ class EmbeddingServer:
         if not texts:
             raise APIError(400, "prompt must not be an empty list", param="prompt")
         text = self._local.text
-        ids = text.tokenizer(texts, add_special_tokens=req.add_special_tokens, truncation=False)["input_ids"]
+        ids = text.tokenizer(texts, add_special_tokens=req.add_special_tokens, truncation=False,
+                             verbose=False)["input_ids"]  # counting a long prompt is what /tokenize is for
         return {"tokens": ids[0] if single else ids, "count": len(ids[0]) if single else [len(x) for x in ids],
                 "max_model_len": text.max_length}
 

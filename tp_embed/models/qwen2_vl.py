@@ -290,8 +290,10 @@ class GmeProcessor:
     def prepare(self, item, tokenizer=None) -> PreparedItem:
         """One item's ids, positions and patches; `tokenizer` (default the engine's) is the calling
         thread's own where several threads prepare at once (fast tokenizers are not thread-safe)."""
-        # the template carries its own <|endoftext|>: the tokenizer must add nothing
-        ids = (tokenizer or self.tokenizer)(render(item, self.chat_template), add_special_tokens=False)["input_ids"]
+        # the template carries its own <|endoftext|>: the tokenizer must add nothing; the lengths are checked
+        # later (with the image's tokens), so transformers' over-length warning would only mislead
+        ids = (tokenizer or self.tokenizer)(render(item, self.chat_template), add_special_tokens=False,
+                                            verbose=False)["input_ids"]
         if ids.count(self.image_token_id) != (item.image is not None):
             raise ValueError(f"the text or instruction contains the image placeholder {IMAGE_PAD}")
         if item.image is None:
