@@ -1,92 +1,14 @@
-"""tp-embed's server: run it on every rank with torchrun.
+"""tp-embed's server from a checkout: `torchrun ... launch.py FLAGS` runs tp_embed.launch on every rank.
 
     torchrun --standalone --nproc-per-node 2 launch.py --model-path intfloat/e5-mistral-7b-instruct --tp 2
     torchrun --standalone --nproc-per-node 1 launch.py            # the embedded all-MiniLM-L6-v2
-    torchrun --standalone --nproc-per-node 4 launch.py --config configs/gte-qwen2-7b.json
 
-Rank 0 serves the OpenAI embeddings API (--host, --port) and runs the engine thread; the other ranks
-hold their shards and run every batch rank 0 broadcasts. SIGTERM or SIGINT to rank 0 (or to torchrun,
-which forwards it) drains the queue, stops the workers and exits 0 on every rank.
+Installed, the same server starts with `tp-embed FLAGS` (torchrun with --tp x --dp ranks) or
+`torchrun ... -m tp_embed.launch FLAGS`; `tp-embed --help` lists the flags.
 """
 
-import argparse
-import logging
-import os
-import signal
-
-# nothing here imports torch before setup_host_allocator, which may re-execute the rank with tcmalloc
-# preloaded: torch and transformers (about 2 s of imports) then load once, in the process that runs
-from tp_embed.args import add_engine_args, add_server_args, parse_with_config
-from tp_embed.host_allocator import setup_host_allocator
-
-logger = logging.getLogger("tp_embed")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p)
-    add_server_args(p)
-    return p
-
-
-def run_worker(args) -> int:
-    """Ranks 1..N-1: load the shard and run batches until rank 0 sends STOP."""
-    from tp_embed.config import ConfigError
-    from tp_embed.distributed import destroy_distributed
-    from tp_embed.engine import Engine
-
-    # Rank 0 decides when to stop: it finishes its requests first, then sends STOP. A signal here
-    # (torchrun forwards SIGTERM to every rank; Ctrl-C reaches the whole process group) must not kill
-    # a worker that rank 0 still needs.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        engine = Engine(args, show_progress=False)
-    except ConfigError as e:
-        logger.error("%s", e)
-        return 2
-    try:
-        engine.run()  # lead its data-parallel group, or follow its leader
-    except Exception as e:  # rank 0 died or a collective timed out: the group is broken
-        logger.error("rank %d: lost the process group (%s: %s); exiting", engine.dist.rank, type(e).__name__, e)
-        logging.shutdown()
-        os._exit(1)  # skip destructors that would wait on the broken group
-    destroy_distributed()
-    return 0
-
-
-def cuda_available() -> bool:
-    """torch.cuda.is_available(), importing torch only where a GPU driver's device node is present
-    (NVIDIA's /dev/nvidiactl, ROCm's /dev/kfd): a CPU host decides its allocator before torch loads."""
-    if not any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd")):
-        return False
-    import torch
-    return torch.cuda.is_available()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_with_config(build_parser(), argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    on_cpu = args.device == "cpu" or (args.device is None and not cuda_available())
-    try:
-        allocator = setup_host_allocator(args.host_allocator, on_cpu)  # may re-execute this rank
-    except ValueError as e:
-        logger.error("%s", e)
-        return 2
-    logger.info("rank %d of %d: pid %d, %s malloc", rank, world_size, os.getpid(), allocator)
-    if rank != 0:
-        return run_worker(args)
-    from tp_embed.distributed import destroy_distributed
-    from tp_embed.server import serve
-
-    code = serve(args)
-    if code != 0:
-        logging.shutdown()
-        os._exit(code)  # the process group may be broken: don't wait on it in destructors
-    destroy_distributed()
-    return 0
-
+# nothing imported here loads torch before setup_host_allocator (tp_embed/launch.py says why)
+from tp_embed.launch import build_parser, main  # noqa: F401  (build_parser: for tests and tools)
 
 if __name__ == "__main__":
     code = main()

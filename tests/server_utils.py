@@ -1,4 +1,4 @@
-"""Start the real server (launch.py under torchrun) for a test, and clean up after it whatever happens.
+"""Start the real server (launch.py under torchrun, or another launcher) for a test, and clean up after it whatever happens.
 
     with ServerProcess(["--model-path", d, "--tp", "2"], nproc=2, log_path=p) as server:
         httpx.post(server.url + "/v1/embeddings", json={"input": "hi"})
@@ -23,8 +23,10 @@ LAUNCH = os.path.join(REPO, "launch.py")
 
 class ServerProcess:
     def __init__(self, args: list[str], nproc: int, log_path: str, api_key: str | None = None,
-                 startup_timeout: float = 180.0):
+                 startup_timeout: float = 180.0, launcher: list[str] | None = None, cwd: str = REPO):
+        """launcher: the command before the flags (default torchrun with nproc ranks of launch.py)."""
         self.args, self.nproc, self.log_path, self.api_key = args, nproc, str(log_path), api_key
+        self.launcher, self.cwd = launcher, cwd
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
@@ -45,10 +47,11 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         if self.api_key:
             env["TP_EMBED_API_KEY"] = self.api_key
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(self.nproc),
-               LAUNCH, "--port", "0", *self.args]
+        launcher = self.launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node", str(self.nproc), LAUNCH]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+        self.proc = subprocess.Popen([*launcher, "--port", "0", *self.args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=self.cwd, env=env,
                                      start_new_session=True)
 
     def log(self) -> str:

@@ -74,7 +74,7 @@ def test_flags_are_read_without_importing_torch():
     torch and transformers unimported, so a re-executed rank loads them once."""
     import subprocess
     import sys
-    code = ("import sys, launch\n"
+    code = ("import sys, launch, tp_embed.command\n"  # the tp-embed command, which stays up, too
             "from tp_embed.args import parse_with_config\n"
             "args = parse_with_config(launch.build_parser(), ['--config', 'configs/all-MiniLM-L6-v2.json'])\n"
             "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"

@@ -1,0 +1,5 @@
+"""`python -m tp_embed FLAGS`: the `tp-embed` command (tp_embed/command.py)."""
+
+from tp_embed.command import cli
+
+cli()
