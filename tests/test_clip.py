@@ -327,8 +327,9 @@ def test_allow_auto_truncate_is_the_default(checkpoints):
 
 def test_pooling_flag_is_refused(checkpoints, tmp_path):
     """CLIP pools inside its towers: a --pooling the engine would ignore is a startup error, not a silent no-op."""
+    (tmp_path / "texts.txt").write_text("a photo of a cat\n")  # read before the model: it must exist
     proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", checkpoints["legacy"], "--pooling", "mean",
-                            "--input", "x", "--output", str(tmp_path / "y.npy")))
+                            "--input", str(tmp_path / "texts.txt"), "--output", str(tmp_path / "y.npy")))
     assert proc.returncode != 0
     assert "--pooling mean does not apply to" in proc.stderr and "leave --pooling out" in proc.stderr
     assert not (tmp_path / "y.npy").exists()

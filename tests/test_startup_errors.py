@@ -19,6 +19,15 @@ def mistral(tmp_path_factory):
     return tm.make_mistral(str(tmp_path_factory.mktemp("m") / "mistral"))
 
 
+@pytest.fixture(scope="module")
+def io_args(tmp_path_factory):
+    """--input and --output for the offline runs below: an input file that exists (the offline entry point
+    reads it before the model, so a missing one would be the error reported)."""
+    d = tmp_path_factory.mktemp("io")
+    (d / "texts.txt").write_text("hello\n")
+    return ["--input", str(d / "texts.txt"), "--output", str(d / "out.npy")]
+
+
 def test_tp_that_does_not_divide_heads_names_valid_values(mistral):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_pretrained(mistral, tp_size=3, name="tiny-mistral")
@@ -71,30 +80,29 @@ def test_no_weights_at_all(tmp_path, mistral):
         checkpoint_files(path)
 
 
-def test_missing_model_directory_offline():
-    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", "/nonexistent/model", "--input", "x",
-                            "--output", "y.npy"))
+def test_missing_model_directory_offline(io_args):
+    proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", "/nonexistent/model", *io_args))
     assert proc.returncode != 0
     assert "--model-path /nonexistent/model: no such directory" in proc.stderr
 
 
-def test_hub_id_offline_is_a_clear_error():
+def test_hub_id_offline_is_a_clear_error(io_args):
     proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", "no-such-org/no-such-model",
-                            "--input", "x", "--output", "y.npy"))
+                            *io_args))
     assert proc.returncode != 0
     assert "not a local directory, and downloading it from the Hugging Face Hub failed" in proc.stderr
 
 
-def test_tp_must_match_process_count(mistral, tmp_path):
+def test_tp_must_match_process_count(mistral, io_args):
     proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--tp", "2",
-                            "--input", "x", "--output", "y.npy"))
+                            *io_args))
     assert proc.returncode != 0
     assert "--tp 2 needs exactly 2 processes, but torchrun started 1" in proc.stderr
 
 
-def test_tp_error_at_startup_under_torchrun(mistral, tmp_path):
+def test_tp_error_at_startup_under_torchrun(mistral, io_args):
     proc = run(torchrun_cmd(3, "-m", "tp_embed.offline", "--model-path", mistral, "--tp", "3",
-                            "--input", "x", "--output", "y.npy"))
+                            *io_args))
     assert proc.returncode != 0
     assert "tp=3 does not divide num_attention_heads=8" in proc.stderr
 
@@ -156,8 +164,8 @@ def test_preset_with_unknown_setting_is_rejected(tmp_path):
     assert "unknown settings ['no-such-flag']" in proc.stderr
 
 
-def test_chat_template_on_a_model_without_one(mistral, tmp_path):
+def test_chat_template_on_a_model_without_one(mistral, io_args):
     proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--chat-template", "gme-qwen2-vl",
-                            "--input", "x", "--output", str(tmp_path / "y.npy")))
+                            *io_args))
     assert proc.returncode != 0
     assert "--chat-template gme-qwen2-vl applies to Qwen2-VL (GME) models" in proc.stderr

@@ -8,11 +8,15 @@ Exactly one thread on rank 0 may call `forward_pooled` / `heartbeat` / `stop_wor
 be issued in the same order on every rank.
 """
 
+import collections
+import concurrent.futures
 import logging
 import os
+import threading
 import time
 
 import torch
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from tp_embed.batch import Batch
@@ -225,24 +229,54 @@ class Engine:
             return out.float().cpu()
         return pool(out, batch.cu_seqlens, self.pooling).cpu()
 
-    def embed(self, sequences: list[list[int]]) -> torch.Tensor:
+    def embed(self, sequences: list[list[int]], lanes: list | None = None,
+              show_progress: bool = False) -> torch.Tensor:
         """Rank 0: pooled float32 [n, hidden] for any number of sequences, in their order.
 
         Sorting by length before packing keeps batches of similar lengths together (less attention
-        padding on the SDPA path); results are put back in input order.
+        padding on the SDPA path); results are put back in input order. `lanes` (`groups()`, with data
+        parallelism) compute batches at once; the default is this engine's group alone.
         """
         return self.embed_by_length([len(s) for s in sequences],
-                                    lambda idx: self.forward_pooled([sequences[i] for i in idx]))
+                                    lambda idx, lane: lane.forward_pooled([sequences[i] for i in idx]),
+                                    lanes, show_progress)
 
-    def embed_by_length(self, lengths: list[int], run_batch) -> torch.Tensor:
+    def embed_by_length(self, lengths: list[int], run_batch, lanes: list | None = None,
+                        show_progress: bool = False) -> torch.Tensor:
         """Rank 0: float32 [n, hidden] for n inputs of these token lengths, in input order. Inputs are
-        sorted by length, packed by the batch budget, and each batch's indices go to run_batch, which
-        returns its rows."""
+        sorted by length, packed by the batch budget, and each batch goes to run_batch(indices, lane),
+        which returns its rows. With several lanes each has a thread that takes the next batch while
+        the others compute; an error in one is raised once the others have stopped."""
+        lanes = lanes or [self]
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        batches = collections.deque(
+            [order[j] for j in group]
+            for group in pack_batches([lengths[i] for i in order], self.max_batch_tokens, self.max_batch_seqs))
         out = torch.empty(len(lengths), self.hidden_size, dtype=torch.float32)
-        for group in pack_batches([lengths[i] for i in order], self.max_batch_tokens, self.max_batch_seqs):
-            idx = [order[j] for j in group]
-            out[idx] = run_batch(idx)
+        lock = threading.Lock()
+        progress = tqdm(total=len(lengths), unit="input", desc="embedding", disable=not show_progress,
+                        dynamic_ncols=True)
+
+        def drain(lane) -> None:
+            while True:
+                with lock:
+                    if not batches:
+                        return
+                    idx = batches.popleft()
+                rows = run_batch(idx, lane)
+                with lock:
+                    out[idx] = rows
+                    progress.update(len(idx))
+
+        try:
+            if len(lanes) == 1:
+                drain(lanes[0])
+            else:
+                with concurrent.futures.ThreadPoolExecutor(len(lanes), thread_name_prefix="tp-embed-lane") as pool:
+                    for future in [pool.submit(drain, lane) for lane in lanes]:
+                        future.result()
+        finally:
+            progress.close()
         return out
 
     def prepare_items(self, items: list, truncate: bool | None = None, text: TextProcessor | None = None) -> list:

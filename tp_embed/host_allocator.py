@@ -38,6 +38,18 @@ def active_allocator() -> str:
     return "glibc" if hasattr(process, "gnu_get_libc_version") else "unknown"
 
 
+def runs_on_cpu(device: str | None) -> bool:
+    """Whether a rank given --device `device` (None: CUDA when available) computes on the CPU. torch is
+    imported only where a GPU driver's device node is present (NVIDIA's /dev/nvidiactl, ROCm's /dev/kfd),
+    so a CPU host chooses its allocator before torch loads."""
+    if device is not None:
+        return device == "cpu"
+    if not any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd")):
+        return True
+    import torch
+    return not torch.cuda.is_available()
+
+
 def find_tcmalloc() -> str | None:
     """tcmalloc's library name as the dynamic loader finds it (e.g. libtcmalloc_minimal.so.4), or None."""
     for name in TCMALLOC_NAMES:

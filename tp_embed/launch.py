@@ -18,7 +18,7 @@ import signal
 # nothing here imports torch before setup_host_allocator, which may re-execute the rank with tcmalloc
 # preloaded: torch and transformers (about 2 s of imports) then load once, in the process that runs
 from tp_embed.args import add_engine_args, add_server_args, parse_with_config
-from tp_embed.host_allocator import setup_host_allocator
+from tp_embed.host_allocator import runs_on_cpu, setup_host_allocator
 
 logger = logging.getLogger("tp_embed")
 
@@ -57,22 +57,12 @@ def run_worker(args) -> int:
     return 0
 
 
-def cuda_available() -> bool:
-    """torch.cuda.is_available(), importing torch only where a GPU driver's device node is present
-    (NVIDIA's /dev/nvidiactl, ROCm's /dev/kfd): a CPU host decides its allocator before torch loads."""
-    if not any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd")):
-        return False
-    import torch
-    return torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    on_cpu = args.device == "cpu" or (args.device is None and not cuda_available())
     try:
-        allocator = setup_host_allocator(args.host_allocator, on_cpu)  # may re-execute this rank
+        allocator = setup_host_allocator(args.host_allocator, runs_on_cpu(args.device))  # may re-execute this rank
     except ValueError as e:
         logger.error("%s", e)
         return 2

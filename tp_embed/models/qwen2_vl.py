@@ -338,4 +338,4 @@ class GmeProcessor:
     def embed_prepared(self, engine, prepared: list[PreparedItem]) -> torch.Tensor:
         """float32 [len(prepared), hidden], pooled as the engine pools (last token), not normalized."""
         return engine.embed_by_length([len(p.input_ids) for p in prepared],
-                                      lambda idx: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
+                                      lambda idx, _: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
