@@ -53,13 +53,23 @@ def test_input_errors_come_before_torch_loads(tmp_path):
     """A missing input file is reported at once: nothing heavy is imported, no model is loaded."""
     code = ("import sys\n"
             "from tp_embed.offline import main\n"
-            f"rc = main(['--input', {str(tmp_path / 'nope.txt')!r}, '--output', 'o.npy', '--host-allocator', 'glibc'])\n"
+            f"rc = main(['--input', {str(tmp_path / 'nope.txt')!r}, '--output', 'o.npy'], own_process=True)\n"
             "assert rc == 2, rc\n"
             "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
             "assert not loaded, loaded\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "No such file or directory" in done.stderr and "nope.txt" in done.stderr
+
+
+def test_only_the_program_chooses_the_allocator(monkeypatch, tmp_path):
+    """main() called from Python (a test, a notebook) must not re-execute its process with tcmalloc."""
+    import tp_embed.offline as offline
+    calls = []
+    monkeypatch.setattr(offline, "setup_host_allocator", lambda *a: calls.append(a) or "glibc")
+    argv = ["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o.npy"), "--device", "cpu"]
+    assert offline.main(argv) == 2 and calls == []
+    assert offline.main(argv, own_process=True) == 2 and calls == [("auto", True)]
 
 
 @pytest.fixture(scope="module")

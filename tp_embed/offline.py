@@ -65,11 +65,15 @@ def load_input(args) -> list[str]:
     return texts
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Embed --input to --output; returns the exit status. own_process: this call is the process's program
+    (`cli`), so it may choose the allocator, which can re-execute the process; called from other Python
+    code (own_process False) the process is left as it is."""
     args = parse_with_config(build_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
-        setup_host_allocator(args.host_allocator, runs_on_cpu(args.device))  # may re-execute this process
+        if own_process:
+            setup_host_allocator(args.host_allocator, runs_on_cpu(args.device))  # may re-execute this process
         # a bad input file is reported before minutes of loading (under torchrun the other ranks end too)
         texts = load_input(args) if int(os.environ.get("RANK", "0")) == 0 else None
     except (OSError, ValueError) as e:
@@ -111,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`tp-embed-offline` and `python -m tp_embed.offline`."""
+    code = main(sys.argv[1:], own_process=True)
     from tp_embed.distributed import exit_process
-    exit_process(main())
+    exit_process(code)
+
+
+if __name__ == "__main__":
+    cli()
