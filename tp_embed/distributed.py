@@ -75,7 +75,8 @@ def init_distributed(tp: int, device: str | None = None, backend: str | None = N
         need = f"--dp {dp} x --tp {tp} = {tp * dp}" if dp > 1 else f"--tp {tp}"
         raise SystemExit(
             f"{need} needs exactly {tp * dp} processes, but torchrun started {world_size}: "
-            f"run `torchrun --nproc-per-node {tp * dp} launch.py ... {need.split(' =')[0]}`")
+            f"run `torchrun --nproc-per-node {tp * dp} launch.py ... {need.split(' =')[0]}`, or the server as "
+            f"`tp-embed ... {need.split(' =')[0]}`, which starts them itself")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size == 1:
