@@ -6,7 +6,7 @@ loopback, but treats a signal the way the server does: SIGINT (Ctrl-C) or SIGTER
 finishes the requests it holds and then stops the workers, and the command exits with the ranks' status, 0
 after a clean drain (torchrun signals every rank and exits with a traceback). If a rank fails, or rank 0
 exits, the ranks still running get a grace period and are then killed. Each rank is asked to get SIGTERM if
-this process dies, so none outlives it.
+this process dies (workers ignore it; rank 0 drains and then stops them), so none outlives it for long.
 """
 
 import argparse
