@@ -108,6 +108,16 @@ def test_ranks_left_after_rank_0_exits_are_killed_after_the_grace_period(tmp_pat
     assert 1.0 < time.monotonic() - t0 < 15
 
 
+def test_a_failed_rank_0_ends_the_workers_at_once(tmp_path):
+    """rank 0 failing (a port in use, a bad flag) leaves workers waiting on it: they are killed without the
+    grace period."""
+    t0 = time.monotonic()
+    ranks = stand_ins(tmp_path, 0.3, 2, 60, 0, hang=True)
+    assert command.supervise(ranks, grace_s=60) == 2
+    assert ranks[1].returncode == -signal.SIGKILL
+    assert time.monotonic() - t0 < 15
+
+
 def test_sigint_to_the_command_asks_rank_0_alone_to_stop(tmp_path):
     ranks = stand_ins(tmp_path, 60, 0, 60, 0)
     before = signal.getsignal(signal.SIGINT)

@@ -4,8 +4,9 @@ It starts what `torchrun --standalone --nproc-per-node N -m tp_embed.launch FLAG
 --dp processes of tp_embed.launch with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and a free MASTER_PORT on
 loopback, but treats a signal the way the server does: SIGINT (Ctrl-C) or SIGTERM goes to rank 0 alone, which
 finishes the requests it holds and then stops the workers, and the command exits with the ranks' status, 0
-after a clean drain (torchrun signals every rank and exits with a traceback). If a rank fails, or rank 0
-exits, the ranks still running get a grace period and are then killed. Each rank is asked to get SIGTERM if
+after a clean drain (torchrun signals every rank and exits with a traceback). If rank 0 fails, the other
+ranks are killed at once; if a worker fails, or rank 0 exits cleanly, the ranks still running get a grace
+period and are then killed. Each rank is asked to get SIGTERM if
 this process dies (workers ignore it; rank 0 drains and then stops them), so none outlives it for long.
 """
 
@@ -78,8 +79,10 @@ def start_ranks(argv: list[str], world_size: int) -> list[subprocess.Popen]:
 
 
 def supervise(ranks: list[subprocess.Popen], grace_s: float, poll_s: float = 0.1) -> int:
-    """Wait for every rank; on SIGINT/SIGTERM ask rank 0 to drain; once rank 0 has exited or any rank has
-    failed, give the others grace_s, then kill them. Returns exit_status of the ranks."""
+    """Wait for every rank; on SIGINT/SIGTERM ask rank 0 to drain. Once rank 0 has exited cleanly (its
+    workers then have STOP) or a worker has failed (rank 0 is asked to drain), the others get grace_s, then
+    are killed; once rank 0 has failed, at once: no worker can finish anything without it (they would
+    wait on it until --dist-timeout). Returns exit_status of the ranks."""
     rank0 = ranks[0]
 
     def stop_rank0(signum=None, frame=None) -> None:
@@ -96,7 +99,7 @@ def supervise(ranks: list[subprocess.Popen], grace_s: float, poll_s: float = 0.1
             if deadline is None and (codes[0] is not None or any(c not in (None, 0) for c in codes)):
                 stop_rank0()
                 deadline = time.monotonic() + grace_s
-            if deadline is not None and time.monotonic() > deadline:
+            if codes[0] not in (None, 0) or (deadline is not None and time.monotonic() > deadline):
                 for r in ranks:
                     if r.poll() is None:
                         r.kill()
