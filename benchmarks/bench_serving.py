@@ -191,11 +191,16 @@ def image_files(directory: str) -> list[str]:
     return names
 
 
+def synthetic_size(source: str) -> tuple[int, int] | None:
+    """(width, height) of an --images source "synthetic" (640x480) or "synthetic:WxH"; None for a directory."""
+    if source != "synthetic" and not source.startswith("synthetic:"):
+        return None
+    return parse_image_size(source.partition(":")[2] or "640x480")
+
+
 def check_image_source(source: str) -> None:
     """ValueError unless --images names a usable source: synthetic[:WxH], or a directory with images."""
-    if source == "synthetic" or source.startswith("synthetic:"):
-        parse_image_size(source.partition(":")[2] or "640x480")
-    else:
+    if synthetic_size(source) is None:
         image_files(source)
 
 
@@ -203,10 +208,9 @@ def load_images(source: str, num_images: int | None = None, seed: int = 0) -> li
     """Inputs {"image": "data:<type>;base64,..."} (tp-embed's items, for CLIP and GME): `source` is a
     directory (its image files by name: .png .jpg .jpeg .webp .gif .bmp, the first num_images) or
     "synthetic" / "synthetic:WxH" (num_images JPEGs, default 64 of 640x480)."""
-    if source == "synthetic" or source.startswith("synthetic:"):
-        width, height = parse_image_size(source.partition(":")[2] or "640x480")
-        blobs = [("image/jpeg", b) for b in
-                 synthetic_images(num_images or DEFAULT_NUM_SYNTHETIC_IMAGES, width, height, seed)]
+    size = synthetic_size(source)
+    if size is not None:
+        blobs = [("image/jpeg", b) for b in synthetic_images(num_images or DEFAULT_NUM_SYNTHETIC_IMAGES, *size, seed)]
     else:
         blobs = []
         for name in image_files(source)[:num_images]:
