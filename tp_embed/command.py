@@ -62,9 +62,7 @@ def exit_status(codes: list[int]) -> int:
 
 
 def _die_with_parent() -> None:
-    """In each child before exec: its own session (a terminal's Ctrl-C reaches only this command, which passes
-    one SIGTERM to rank 0), and SIGTERM when this process dies (Linux)."""
-    os.setsid()
+    """In each child before exec: SIGTERM when this process dies (Linux)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the ranks may outlive a killed command
@@ -74,7 +72,10 @@ def _die_with_parent() -> None:
 def start_ranks(argv: list[str], world_size: int) -> list[subprocess.Popen]:
     port = free_port()
     command = [sys.executable, "-m", "tp_embed.launch", *argv]
-    return [subprocess.Popen(command, env=rank_env(rank, world_size, port), preexec_fn=_die_with_parent)
+    # each rank in a session of its own: a terminal's Ctrl-C reaches only this command, which passes one
+    # SIGTERM to rank 0
+    return [subprocess.Popen(command, env=rank_env(rank, world_size, port), start_new_session=True,
+                             preexec_fn=_die_with_parent)
             for rank in range(world_size)]
 
 

@@ -72,11 +72,12 @@ def init_distributed(tp: int, device: str | None = None, backend: str | None = N
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     if world_size != tp * dp:
-        need = f"--dp {dp} x --tp {tp} = {tp * dp}" if dp > 1 else f"--tp {tp}"
+        flags = f"--dp {dp} --tp {tp}" if dp > 1 else f"--tp {tp}"
+        need = f"--dp {dp} x --tp {tp} = {tp * dp}" if dp > 1 else flags
         raise SystemExit(
             f"{need} needs exactly {tp * dp} processes, but torchrun started {world_size}: "
-            f"run `torchrun --nproc-per-node {tp * dp} launch.py ... {need.split(' =')[0]}`, or the server as "
-            f"`tp-embed ... {need.split(' =')[0]}`, which starts them itself")
+            f"run `torchrun --nproc-per-node {tp * dp} launch.py ... {flags}`, or the server as "
+            f"`tp-embed ... {flags}`, which starts them itself")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size == 1:

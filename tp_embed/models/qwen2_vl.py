@@ -337,5 +337,5 @@ class GmeProcessor:
 
     def embed_prepared(self, engine, prepared: list[PreparedItem]) -> torch.Tensor:
         """float32 [len(prepared), hidden], pooled as the engine pools (last token), not normalized."""
-        return engine.embed_by_length([len(p.input_ids) for p in prepared],
+        return engine.embed_by_length(list(map(self.cost, prepared)),
                                       lambda idx, _: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
