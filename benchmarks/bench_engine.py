@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tp_embed.args import add_engine_args, parse_with_config  # noqa: E402
-from tp_embed.config import ModelConfig  # noqa: E402
+from tp_embed.config import EngineConfig, ModelConfig  # noqa: E402
 from tp_embed.distributed import destroy_distributed  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     h, d = cfg.hidden_size, cfg.head_dim
     qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d
     o = cfg.num_heads * d * h
-    mlp = (3 if cfg.family == "decoder" else 2) * h * cfg.intermediate_size
+    mlp = (3 if cfg.gated_mlp else 2) * h * cfg.intermediate_size
     attn = 4 * seq_len * cfg.num_heads * d * (0.5 if cfg.causal else 1.0)
     return cfg.num_layers * (2 * (qkv + o + mlp) + attn)
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     from tp_embed.engine import Engine
 
     args = parse_with_config(build_parser(), argv)
-    engine = Engine(args, show_progress=False)
+    engine = Engine(EngineConfig.from_args(args), show_progress=False)
     if not engine.is_driver:
         engine.worker_loop()
         destroy_distributed()

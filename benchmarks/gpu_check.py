@@ -16,6 +16,7 @@ It writes gpu_check.json and gpu_check.md to --out.
 """
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -142,16 +143,17 @@ def transformers_tokens_per_s(shape: dict, seq_lens: list[int], batch_tokens: in
     points = []
     gen = torch.Generator().manual_seed(0)
 
-    def run(ids, mask):
+    # the model is an argument, not a closure cell that the `del model` below empties
+    def run(net, ids, mask):
         with torch.inference_mode():
-            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            h = net(input_ids=ids, attention_mask=mask).last_hidden_state
             return h[:, -1]
 
     for seq_len in seq_lens:
         num_seqs = max(1, batch_tokens // seq_len)
         ids = torch.randint(0, shape["vocab_size"], (num_seqs, seq_len), generator=gen).cuda()
         mask = torch.ones_like(ids)
-        sec = bench_engine.time_forward(lambda: run(ids, mask), device, warmup, iters)
+        sec = bench_engine.time_forward(functools.partial(run, model, ids, mask), device, warmup, iters)
         points.append({"seq_len": seq_len, "num_seqs": num_seqs, "tokens_per_s": num_seqs * seq_len / sec})
     # mixed lengths: transformers pads every sequence to the longest (left padding for last-token pooling)
     longest = max(mixed_lens)
@@ -161,7 +163,7 @@ def transformers_tokens_per_s(shape: dict, seq_lens: list[int], batch_tokens: in
         ids[i, longest - n:] = torch.randint(1, shape["vocab_size"], (n,), generator=gen)
         mask[i, longest - n:] = 1
     ids, mask = ids.cuda(), mask.cuda()
-    sec = bench_engine.time_forward(lambda: run(ids, mask), device, warmup, iters)
+    sec = bench_engine.time_forward(functools.partial(run, model, ids, mask), device, warmup, iters)
     points.append({"seq_len": "mixed", "num_seqs": len(mixed_lens), "tokens_per_s": sum(mixed_lens) / sec})
     del model
     gc.collect()
@@ -170,8 +172,9 @@ def transformers_tokens_per_s(shape: dict, seq_lens: list[int], batch_tokens: in
 
 
 def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: int, iters: int) -> dict:
-    from tp_embed.engine import Engine
     from tp_embed.args import add_engine_args, parse_with_config
+    from tp_embed.config import EngineConfig
+    from tp_embed.engine import Engine
 
     shape_dir = write_shape_dir(os.path.join(work, "e5-mistral-shape"), E5_MISTRAL_SHAPE)
     peak = bench_engine.matmul_peak_tflops(torch.device("cuda"))
@@ -180,14 +183,14 @@ def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: i
     args = parse_with_config(p, ["--model-path", shape_dir, "--load-format", "dummy", "--dtype", "bfloat16",
                                  "--device", "cuda", "--max-batch-tokens", str(batch_tokens),
                                  "--max-batch-seqs", "4096"])
-    engine = Engine(args, show_progress=False)
+    engine = Engine(EngineConfig.from_args(args), show_progress=False)
     ours = bench_engine.bench_points(engine, seq_lens, [batch_tokens], warmup, iters, peak)
     gen = torch.Generator().manual_seed(1)
     mixed_lens = []
     while sum(mixed_lens) < batch_tokens - 1024:
         mixed_lens.append(int(torch.randint(64, 1025, (1,), generator=gen)))
     seqs = [torch.randint(0, 32000, (n,), generator=gen).tolist() for n in mixed_lens]
-    sec = bench_engine.time_forward(lambda: engine.forward_pooled(seqs), engine.device, warmup, iters)
+    sec = bench_engine.time_forward(functools.partial(engine.forward_pooled, seqs), engine.device, warmup, iters)
     ours.append({"seq_len": "mixed", "num_seqs": len(seqs), "tokens_per_s": sum(mixed_lens) / sec})
     attention = "flashinfer" if engine.model.layers and _uses_flashinfer(engine) else "sdpa"
     del engine
@@ -203,6 +206,7 @@ def step_batch_budget(work: str) -> dict:
     size then runs without running out of memory. Two layers of e5-mistral-7b's shape, bf16, asked for
     a budget far past what fits (4M tokens), 128-token inputs, SDPA (memory linear in batch tokens)."""
     from tp_embed.args import add_engine_args, parse_with_config
+    from tp_embed.config import EngineConfig
     from tp_embed.engine import Engine
 
     shape = dict(E5_MISTRAL_SHAPE, num_hidden_layers=2)
@@ -213,7 +217,7 @@ def step_batch_budget(work: str) -> dict:
     args = parse_with_config(p, ["--model-path", shape_dir, "--load-format", "dummy", "--dtype", "bfloat16",
                                  "--device", "cuda", "--attention-backend", "sdpa",
                                  "--max-batch-tokens", str(requested), "--max-batch-seqs", "1000000"])
-    engine = Engine(args, show_progress=False)
+    engine = Engine(EngineConfig.from_args(args), show_progress=False)
     budget = engine.max_batch_tokens
     seq_len = 128
     seqs = [[1] * seq_len] * (budget // seq_len)
@@ -231,8 +235,9 @@ def step_batch_budget(work: str) -> dict:
 
 
 def _uses_flashinfer(engine) -> bool:
-    from tp_embed.layers.attention import use_flashinfer
-    return use_flashinfer(engine.device, engine.config.head_dim, engine.dtype, engine.attention_backend)
+    from tp_embed.layers.attention import FlashInferAttention, select_attention
+    return select_attention(engine.device, engine.dtype, engine.config.head_dim,
+                            engine.attention_backend) is FlashInferAttention
 
 
 def markdown(result: dict) -> str:

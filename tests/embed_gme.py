@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.config import EngineConfig
 from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.items import Item
@@ -44,7 +45,7 @@ def main() -> None:
         p = argparse.ArgumentParser()
         add_engine_args(p)
         args = parse_with_config(p, ["--tp", str(spec["tp"])] + model["flags"])
-        engine = Engine(args, show_progress=False)
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
         name = os.path.join(out_dir, model["name"])
         with open(f"{name}.rank{engine.dist.tp_rank}.json", "w") as f:
             json.dump(engine.load_stats, f)

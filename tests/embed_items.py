@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.config import EngineConfig
 from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.items import Item
@@ -47,7 +48,7 @@ def main() -> None:
         p = argparse.ArgumentParser()
         add_engine_args(p)
         args = parse_with_config(p, ["--tp", str(spec["tp"])] + model["flags"])
-        engine = Engine(args, show_progress=False)
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
         if not engine.is_driver:
             engine.worker_loop()
             continue
@@ -79,7 +80,7 @@ def main() -> None:
                 errors[label] = str(e)
         with open(f"{name}.info.json", "w") as f:
             json.dump({"normalize": engine.normalize, "errors": errors,
-                       "hidden_size": engine.hidden_size}, f)
+                       "embedding_size": engine.embedding_size}, f)
         engine.stop_workers()
     destroy_distributed()
 

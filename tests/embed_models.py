@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.config import EngineConfig
 from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.layers.linear import named_weights
@@ -34,7 +35,7 @@ def main() -> None:
         p.add_argument("--prompt-name", default=None)
         p.add_argument("--dimensions", type=int, default=None)
         args = parse_with_config(p, ["--tp", str(spec["tp"])] + model["flags"])
-        engine = Engine(args, show_progress=False)
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
         name = os.path.join(out_dir, model["name"])
         weights = list(named_weights(engine.model))  # oneDNN-packed copies included
         layer_bytes = sum(t.numel() * t.element_size() for n, t in weights if ".layers." in f".{n}")

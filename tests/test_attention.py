@@ -1,13 +1,29 @@
-"""Packed-batch attention: the SDPA path against a per-sequence reference, and FlashInfer against SDPA
-on a GPU (bf16, causal and bidirectional, GQA, several head dims)."""
+"""Packed-batch attention: every CPU backend against a float64 per-sequence reference, FlashInfer against
+padded SDPA and the reference on a GPU (bf16, causal and bidirectional, GQA, several head dims), and the
+choice of backend."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from tp_embed.layers import attention
-from tp_embed.layers.attention import VarlenAttention, flashinfer_available
+from tp_embed import kernels
+from tp_embed.layers.attention import (
+    CpuKernelAttention,
+    FlashInferAttention,
+    PaddedSdpaAttention,
+    PerSequenceAttention,
+    flashinfer_available,
+    per_sequence,
+    plan_attention,
+    select_attention,
+)
+
+KERNEL_ERROR = kernels.load_cpu_attention()
+CPU_BACKENDS = [PerSequenceAttention, PaddedSdpaAttention,
+                pytest.param(CpuKernelAttention, marks=pytest.mark.skipif(
+                    KERNEL_ERROR is not None, reason=f"CPU attention kernel unavailable: {KERNEL_ERROR}"))]
 
 
 def random_packed(lens, num_heads, num_kv_heads, head_dim, dtype, device, seed=0):
@@ -36,15 +52,19 @@ def reference(q, k, v, cu, causal):
     return out
 
 
+def planned(backend, cu, max_seqlen, heads, kv_heads, head_dim, causal, dtype=torch.float32):
+    attn = backend(heads, kv_heads, head_dim, causal, dtype)
+    attn.plan(cu, max_seqlen)
+    return attn
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (8, 2, 16), (4, 1, 64)])
 @pytest.mark.parametrize("lens", [[5], [1, 7, 3, 12], [9, 9]])
-@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])
-def test_sdpa_matches_reference(causal, heads, kv_heads, head_dim, lens, per_sequence):
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda cls: cls.__name__)
+def test_matches_reference(causal, heads, kv_heads, head_dim, lens, backend):
     q, k, v, cu = random_packed(lens, heads, kv_heads, head_dim, torch.float32, "cpu")
-    attn = VarlenAttention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.float32, backend="sdpa",
-                           per_sequence=per_sequence)
-    out = attn(q, k, v)
+    out = planned(backend, cu, max(lens), heads, kv_heads, head_dim, causal).run(q, k, v)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, cu, causal), atol=1e-5, rtol=1e-5)
 
@@ -54,25 +74,57 @@ def test_short_and_long_sequences_on_the_cpu(causal, monkeypatch):
     """Per sequence on the CPU, short float32 sequences take two matmuls and long ones SDPA: both paths,
     side by side in one batch, match the reference, and SDPA alone gives the same."""
     lens = [40, 300, 3]  # x 32 head dims: 1280 and 96 elements are short, 9600 is long
-    assert 40 * 32 <= attention.SHORT_SEQUENCE_ELEMENTS < 300 * 32
+    assert 40 * 32 <= per_sequence.SHORT_SEQUENCE_ELEMENTS < 300 * 32
     q, k, v, cu = random_packed(lens, 4, 4, 32, torch.float32, "cpu", seed=3)
-    attn = VarlenAttention(cu, max(lens), 4, 4, 32, causal, torch.float32, backend="sdpa", per_sequence=True)
-    out = attn(q, k, v)
+    attn = planned(PerSequenceAttention, cu, max(lens), 4, 4, 32, causal)
+    out = attn.run(q, k, v)
     torch.testing.assert_close(out.double(), reference(q, k, v, cu, causal), atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(attention, "SHORT_SEQUENCE_ELEMENTS", 0)  # SDPA for every sequence
-    torch.testing.assert_close(attn(q, k, v), out, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(per_sequence, "SHORT_SEQUENCE_ELEMENTS", 0)  # SDPA for every sequence
+    torch.testing.assert_close(attn.run(q, k, v), out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])
-def test_sequences_do_not_see_each_other(per_sequence):
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda cls: cls.__name__)
+def test_sequences_do_not_see_each_other(backend):
     q, k, v, cu = random_packed([4, 6], 2, 2, 16, torch.float32, "cpu")
-    alone = VarlenAttention(cu[:2], 4, 2, 2, 16, False, torch.float32, "sdpa",
-                            per_sequence=per_sequence)(q[:4], k[:4], v[:4])
+    alone = planned(backend, cu[:2], 4, 2, 2, 16, False).run(q[:4], k[:4], v[:4])
     k2, v2 = k.clone(), v.clone()
     k2[4:] += 10.0  # changing the second sequence must not move the first one's output
     v2[4:] -= 3.0
-    packed = VarlenAttention(cu, 6, 2, 2, 16, False, torch.float32, "sdpa", per_sequence=per_sequence)(q, k2, v2)
+    packed = planned(backend, cu, 6, 2, 2, 16, False).run(q, k2, v2)
     torch.testing.assert_close(packed[:4], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_select_attention_on_the_cpu():
+    """The compiled kernel only where asked for and where it takes the case (float32, head dim a multiple
+    of 16); every other CPU case one sequence at a time, "sdpa" included; FlashInfer never."""
+    cpu = torch.device("cpu")
+    assert select_attention(cpu, torch.float32, 64, "cpu_kernel") is CpuKernelAttention
+    assert select_attention(cpu, torch.float32, 32, "cpu_kernel") is CpuKernelAttention
+    assert select_attention(cpu, torch.float32, 24, "cpu_kernel") is PerSequenceAttention
+    assert select_attention(cpu, torch.bfloat16, 64, "cpu_kernel") is PerSequenceAttention
+    assert select_attention(cpu, torch.float64, 64, "cpu_kernel") is PerSequenceAttention
+    for backend in ("auto", "sdpa"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert select_attention(cpu, dtype, 64, backend) is PerSequenceAttention
+    with pytest.raises(ValueError, match="FlashInfer needs CUDA"):
+        select_attention(cpu, torch.bfloat16, 128, "flashinfer")
+    q, k, v, cu = random_packed([3, 5], 2, 2, 32, torch.float32, "cpu")
+    attn = plan_attention(cu, 5, 2, 2, 32, True, torch.float32, "sdpa")
+    assert type(attn) is PerSequenceAttention
+    torch.testing.assert_close(attn.run(q, k, v).double(), reference(q, k, v, cu, True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [CpuKernelAttention, FlashInferAttention, PaddedSdpaAttention,
+                                     PerSequenceAttention], ids=lambda cls: cls.__name__)
+def test_every_backend_has_the_same_two_methods(backend):
+    """Static facts in __init__, per-batch work in plan, per-layer work in run, and nothing else: a model
+    holds any backend the same way."""
+    methods = {name for name, value in vars(backend).items() if inspect.isfunction(value)}
+    assert methods == {"__init__", "plan", "run"}
+    assert list(inspect.signature(backend.__init__).parameters) == [
+        "self", "num_heads", "num_kv_heads", "head_dim", "causal", "dtype", "scale"]
+    assert list(inspect.signature(backend.plan).parameters) == ["self", "cu_seqlens", "max_seqlen"]
+    assert list(inspect.signature(backend.run).parameters) == ["self", "q", "k", "v"]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(),
@@ -87,11 +139,12 @@ def test_flashinfer_matches_sdpa(causal, heads, kv_heads, head_dim):
     lens = [1, 17, 128, 300, 1000, 63]
     for seed in range(2):
         q, k, v, cu = random_packed(lens, heads, kv_heads, head_dim, torch.bfloat16, "cuda", seed)
-        fi = VarlenAttention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.bfloat16, "flashinfer")
-        assert fi.flashinfer
-        sdpa = VarlenAttention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.bfloat16, "sdpa")
-        out_fi = fi(q, k, v).float()
-        out_sdpa = sdpa(q, k, v).float()
+        fi = plan_attention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.bfloat16, "flashinfer")
+        assert isinstance(fi, FlashInferAttention)
+        sdpa = plan_attention(cu, max(lens), heads, kv_heads, head_dim, causal, torch.bfloat16, "sdpa")
+        assert isinstance(sdpa, PaddedSdpaAttention)
+        out_fi = fi.run(q, k, v).float()
+        out_sdpa = sdpa.run(q, k, v).float()
         assert torch.isfinite(out_fi).all()
         rel = (out_fi - out_sdpa).norm() / out_sdpa.norm()
         assert rel < 1e-2, f"relative error {rel:.2e}"

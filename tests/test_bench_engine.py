@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench_engine  # noqa: E402
 import gpu_check  # noqa: E402
-from tp_embed.config import ModelConfig  # noqa: E402
+from tp_embed.models import load_config  # noqa: E402
 
 
 def test_int_list():
@@ -22,7 +22,7 @@ def test_int_list():
 
 
 def test_flops_per_token_of_e5_mistral_shape(tmp_path):
-    cfg = ModelConfig.from_pretrained(gpu_check.write_shape_dir(str(tmp_path), gpu_check.E5_MISTRAL_SHAPE))
+    _, cfg = load_config(gpu_check.write_shape_dir(str(tmp_path), gpu_check.E5_MISTRAL_SHAPE))
     h, layers, kv = 4096, 32, 8 * 128
     weights = h * (h + 2 * kv) + h * h + 3 * h * 14336  # q, k, v, o, gate/up/down per layer
     attention = 4 * 512 * 32 * 128 * 0.5  # causal halves q k^T and p v

@@ -6,11 +6,11 @@ as data URIs, bare base64, file:// URIs and absolute paths under the allowed dir
 through media.load_image and reach the workers in the protocol's pixel broadcast.
 """
 
-import argparse
 import base64
 import io
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -19,11 +19,13 @@ import torch
 import tiny_clip as tc
 import tiny_models as tm
 from dist_utils import cosines, run, torchrun_cmd
-from tp_embed.config import ConfigError, ModelConfig
+from tp_embed.config import ConfigError, SentenceTransformersConfig
 from tp_embed.engine import Engine
 from tp_embed.items import Item
 from tp_embed.media import MediaConfig, load_image
+from tp_embed.models import clip, load_config
 from tp_embed.models.clip import ClipProcessor, eos_token_indices
+from tp_embed.text import InputTooLongError, TextProcessor
 
 TPS = (1, 2, 4)
 BOUND = 0.99999
@@ -168,7 +170,7 @@ def test_text_route_equals_item_route(outputs, item_specs, tp):
 @pytest.mark.parametrize("tp", TPS)
 def test_normalized_by_default(outputs, tp):
     assert info(outputs, tp, "legacy")["normalize"] is True
-    assert info(outputs, tp, "legacy")["hidden_size"] == 48
+    assert info(outputs, tp, "legacy")["embedding_size"] == 48
 
 
 @pytest.mark.parametrize("tp", TPS)
@@ -228,11 +230,12 @@ def test_tp_must_divide_both_towers(tmp_path):
                vision_config=dict(hidden_size=48, num_attention_heads=6, intermediate_size=96),
                projection_dim=24, architectures=["CLIPModel"]).save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as e:
-        ModelConfig.from_pretrained(str(tmp_path), tp_size=4, name="clip-test")
+        load_config(str(tmp_path), tp_size=4, name="clip-test")
     assert str(e.value) == ("tp=4 does not divide the attention heads of clip-test (text tower 4, vision "
                             "tower 6); use tp in {1, 2}")
-    cfg = ModelConfig.from_pretrained(str(tmp_path), tp_size=2)
-    assert (cfg.family, cfg.hidden_size, cfg.max_input_tokens, cfg.causal) == ("clip", 24, 77, True)
+    spec, cfg = load_config(str(tmp_path), tp_size=2)
+    assert spec is clip.SPEC and spec.default_pooling is None  # the towers pool themselves
+    assert (cfg.embedding_size, cfg.hidden_size, cfg.max_input_tokens, cfg.causal) == (24, 32, 77, True)
 
 
 def test_pixels_follow_the_preprocessor_config(checkpoints):
@@ -240,7 +243,7 @@ def test_pixels_follow_the_preprocessor_config(checkpoints):
     with PIL and numpy, against what the processor broadcasts."""
     from PIL import Image
 
-    proc = ClipProcessor(checkpoints["legacy"], ModelConfig.from_pretrained(checkpoints["legacy"]))
+    proc = ClipProcessor(checkpoints["legacy"], load_config(checkpoints["legacy"])[1])
     for name, image in tc.make_images().items():
         image = image.convert("RGB")
         w, h = image.size
@@ -260,7 +263,7 @@ def test_preprocessor_must_crop_to_the_towers_size(checkpoints, tmp_path):
     cfg = json.loads((path / "preprocessor_config.json").read_text())
     (path / "preprocessor_config.json").write_text(json.dumps({**cfg, "crop_size": 24}))
     with pytest.raises(ConfigError, match="must center-crop to 32x32"):
-        ClipProcessor(str(path), ModelConfig.from_pretrained(str(path)))
+        ClipProcessor(str(path), load_config(str(path))[1])
 
 
 class RecordingEngine:
@@ -272,8 +275,8 @@ class RecordingEngine:
     def __init__(self, processor, text, max_batch_tokens, max_batch_seqs, allow_auto_truncate=False):
         self.processor, self.text = processor, text
         self.max_batch_tokens, self.max_batch_seqs = max_batch_tokens, max_batch_seqs
-        self.args = argparse.Namespace(allow_auto_truncate=allow_auto_truncate)
-        self.hidden_size, self.batches = 2, []
+        self.options = types.SimpleNamespace(allow_auto_truncate=allow_auto_truncate)
+        self.embedding_size, self.batches = 2, []
 
     def forward_batch(self, batch):
         self.batches.append(batch)
@@ -286,12 +289,9 @@ class RecordingEngine:
 
 
 def test_packing_respects_budgets_and_keeps_item_order(checkpoints):
-    from tp_embed.config import SentenceTransformersConfig
-    from tp_embed.engine import TextProcessor
-
     path = checkpoints["legacy"]
-    cfg = ModelConfig.from_pretrained(path)
-    text = TextProcessor(path, cfg, SentenceTransformersConfig(), None, False)
+    cfg = load_config(path)[1]
+    text = TextProcessor(path, SentenceTransformersConfig(), cfg.max_input_tokens)
     proc = ClipProcessor(path, cfg)
     proc.max_batch_images = 2
     images = [im.convert("RGB") for im in tc.make_images().values()]
@@ -312,12 +312,9 @@ def test_packing_respects_budgets_and_keeps_item_order(checkpoints):
 
 def test_allow_auto_truncate_is_the_default(checkpoints):
     """Without a per-request choice, --allow-auto-truncate decides: the long text is cut to 77 tokens."""
-    from tp_embed.config import SentenceTransformersConfig
-    from tp_embed.engine import InputTooLongError, TextProcessor
-
     path = checkpoints["legacy"]
-    cfg = ModelConfig.from_pretrained(path)
-    text = TextProcessor(path, cfg, SentenceTransformersConfig(), None, False)
+    cfg = load_config(path)[1]
+    text = TextProcessor(path, SentenceTransformersConfig(), cfg.max_input_tokens)
     items = [Item(text="short"), Item(text=LONG_TEXT)]
     with pytest.raises(InputTooLongError, match="input 1 has"):
         RecordingEngine(ClipProcessor(path, cfg), text, 1000, 8).embed_items(items)

@@ -2,7 +2,6 @@
 with strided q/k/v, causal and not, grouped-query heads, lengths around its vector and tile sizes; the
 attention layer's use of it; its input checks; and what happens without a compiler."""
 
-import argparse
 import logging
 import math
 import os
@@ -14,12 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from test_attention import reference
 from tp_embed import kernels
 from tp_embed.config import ConfigError
 from tp_embed.engine import Engine
-from tp_embed.layers.attention import VarlenAttention
-
-from test_attention import reference
+from tp_embed.layers.attention import CpuKernelAttention, PerSequenceAttention, plan_attention
 
 ERROR = kernels.load_cpu_attention()
 needs_kernel = pytest.mark.skipif(ERROR is not None, reason=f"CPU attention kernel unavailable: {ERROR}")
@@ -58,8 +56,8 @@ def test_kernel_with_large_scores():
     q, k, v, cu = fused_qkv([50, 130], 4, 4, 32, seed=5, scale=6.0)
     ref = reference(q, k, v, cu, False)
     kernel_error = (run_kernel(q, k, v, cu, causal=False).double() - ref).abs().max().item()
-    torch_path = VarlenAttention(cu.to(torch.int32), 130, 4, 4, 32, False, torch.float32, backend="sdpa")
-    torch_error = (torch_path(q, k, v).double() - ref).abs().max().item()
+    torch_path = plan_attention(cu.to(torch.int32), 130, 4, 4, 32, False, torch.float32, backend="sdpa")
+    torch_error = (torch_path.run(q, k, v).double() - ref).abs().max().item()
     assert kernel_error <= 2 * torch_error + 1e-6
 
 
@@ -71,14 +69,14 @@ def test_attention_layer_uses_the_kernel(causal):
     lens = [5, 120, 40]
     q, k, v, cu = fused_qkv(lens, 6, 3, 64, seed=1)
     cu32 = cu.to(torch.int32)
-    kernel = VarlenAttention(cu32, max(lens), 6, 3, 64, causal, torch.float32, backend="cpu_kernel")
-    assert kernel.cpu_kernel
-    torch_path = VarlenAttention(cu32, max(lens), 6, 3, 64, causal, torch.float32, backend="sdpa")
-    torch.testing.assert_close(kernel(q, k, v), torch_path(q, k, v), atol=2e-6, rtol=1e-5)
-    odd = VarlenAttention(cu32, max(lens), 6, 3, 24, causal, torch.float32, backend="cpu_kernel")
-    assert not odd.cpu_kernel
+    kernel = plan_attention(cu32, max(lens), 6, 3, 64, causal, torch.float32, backend="cpu_kernel")
+    assert isinstance(kernel, CpuKernelAttention)
+    torch_path = plan_attention(cu32, max(lens), 6, 3, 64, causal, torch.float32, backend="sdpa")
+    torch.testing.assert_close(kernel.run(q, k, v), torch_path.run(q, k, v), atol=2e-6, rtol=1e-5)
+    odd = plan_attention(cu32, max(lens), 6, 3, 24, causal, torch.float32, backend="cpu_kernel")
+    assert isinstance(odd, PerSequenceAttention)
     q24, k24, v24, _ = fused_qkv(lens, 6, 3, 24, seed=2)
-    torch.testing.assert_close(odd(q24, k24, v24).double(), reference(q24, k24, v24, cu, causal), atol=1e-5,
+    torch.testing.assert_close(odd.run(q24, k24, v24).double(), reference(q24, k24, v24, cu, causal), atol=1e-5,
                                rtol=1e-5)
 
 
@@ -137,9 +135,9 @@ def test_without_a_compiler(monkeypatch, tmp_path):
     assert kernels.load_cpu_attention() == error  # remembered, not retried per batch
 
     def choose(cpu_attention, device="cpu", dtype=torch.float32, backend="auto"):
-        engine = SimpleNamespace(device=torch.device(device), dtype=dtype, is_driver=True)
-        args = argparse.Namespace(cpu_attention=cpu_attention, attention_backend=backend)
-        return Engine.choose_attention(engine, args)
+        options = SimpleNamespace(cpu_attention=cpu_attention, attention_backend=backend)
+        engine = SimpleNamespace(device=torch.device(device), dtype=dtype, is_driver=True, options=options)
+        return Engine.choose_attention(engine)
 
     with pytest.raises(ConfigError, match="--cpu-attention kernel: .*no C\\+\\+ compiler"):
         choose("kernel")
@@ -151,18 +149,18 @@ def test_without_a_compiler(monkeypatch, tmp_path):
 def test_auto_warns_once_without_a_compiler(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, is_driver=True)
-    args = argparse.Namespace(cpu_attention="auto", attention_backend="auto")
+    options = SimpleNamespace(cpu_attention="auto", attention_backend="auto")
+    engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, is_driver=True, options=options)
     with caplog.at_level(logging.WARNING, logger="tp_embed"):
-        assert Engine.choose_attention(engine, args) == "auto"
+        assert Engine.choose_attention(engine) == "auto"
     assert "could not be built" in caplog.text and "--cpu-attention torch" in caplog.text
 
 
 @needs_kernel
 def test_engine_chooses_the_kernel():
-    engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, is_driver=True)
-    args = argparse.Namespace(cpu_attention="auto", attention_backend="auto")
-    assert Engine.choose_attention(engine, args) == "cpu_kernel"
+    options = SimpleNamespace(cpu_attention="auto", attention_backend="auto")
+    engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, is_driver=True, options=options)
+    assert Engine.choose_attention(engine) == "cpu_kernel"
 
 
 def test_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
@@ -246,8 +244,8 @@ def test_rows_past_the_batch_come_back_as_zeros(backend, lens):
     num_tokens, rows = sum(lens), 32
     q, k, v, _ = fused_qkv([rows], 4, 4, 32, seed=9)
     cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    attn = VarlenAttention(cu, max(lens), 4, 4, 32, False, torch.float32, backend=backend)
-    out = attn(q, k, v)
+    attn = plan_attention(cu, max(lens), 4, 4, 32, False, torch.float32, backend=backend)
+    out = attn.run(q, k, v)
     assert out.shape == q.shape
     torch.testing.assert_close(out[:num_tokens].double(), reference(q, k, v, cu.long(), False)[:num_tokens],
                                atol=2e-6, rtol=1e-5)

@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.config import EngineConfig
 from tp_embed.engine import Engine
-from tp_embed.layers.linear import (ColumnParallelLinear, RowParallelLinear, bucket_rows, named_weights,
-                                    onednn_available, prepack_linears)
+from tp_embed.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    bucket_rows,
+    named_weights,
+    onednn_available,
+    prepack_linears,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch is built without oneDNN")
 
@@ -88,7 +95,7 @@ def test_named_weights_counts_the_packed_copy():
 def make_engine(*flags):
     p = argparse.ArgumentParser()
     add_engine_args(p)
-    return Engine(parse_with_config(p, list(flags)), show_progress=False)
+    return Engine(EngineConfig.from_args(parse_with_config(p, list(flags))), show_progress=False)
 
 
 def test_minilm_onednn_equals_torch_matmul():

@@ -12,7 +12,7 @@ with a reason: it needs a GPU, the hub, several nodes, installs packages, or sta
 the server this test already runs. Shell commands in a fence without a language fail the test: they
 would escape it.
 
-docs/models.md's family table is checked against the tests and tp_embed/config.py's FAMILIES.
+docs/models.md's family table is checked against the tests and tp_embed/models' ARCHITECTURES.
 """
 
 import os
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from server_utils import REPO, ServerProcess
-from tp_embed.config import FAMILIES
+from tp_embed.models import ARCHITECTURES
 
 DOC_FILES = [Path(REPO, "README.md"), *sorted(Path(REPO, "docs").glob("*.md"))]
 RUNNABLE = {"bash": "bash", "sh": "bash", "python": "python"}
@@ -248,9 +248,9 @@ def test_models_md_lists_the_tested_families():
         for ident in re.findall(r"`([a-z_][a-z0-9_]*)`", row["test"]):
             assert ident in sources, f"{family}: `{ident}` is named in docs/models.md but in none of {sorted(named)}"
         documented_archs |= set(re.findall(r"`([A-Z]\w+)`", row["architectures in config.json"]))
-    assert documented_archs == set(FAMILIES), (
-        f"in tp_embed/config.py's FAMILIES, not in docs/models.md: {sorted(set(FAMILIES) - documented_archs)}; "
-        f"in docs/models.md, not served: {sorted(documented_archs - set(FAMILIES))}")
+    assert documented_archs == set(ARCHITECTURES), (
+        f"in tp_embed/models' ARCHITECTURES, not in docs/models.md: {sorted(set(ARCHITECTURES) - documented_archs)}; "
+        f"in docs/models.md, not served: {sorted(documented_archs - set(ARCHITECTURES))}")
 
 
 def test_readme_lists_the_same_families():

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen2VLImageProcessorPil)
+from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 import tiny_models as tm
 from dist_utils import ROOT, cosines, run, torchrun_cmd
-from tp_embed.config import ConfigError, ModelConfig
+from tp_embed.config import ConfigError
 from tp_embed.items import Item
+from tp_embed.models import load_config, qwen2_vl
 from tp_embed.models.qwen2_vl import render
 
 TPS = (1, 2)
@@ -291,16 +291,16 @@ def test_tp2_reads_half_of_the_vision_tower(outputs):
 
 def test_tp_must_split_text_and_vision_heads(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match=r"tp=3 does not divide num_attention_heads=4 .* use tp in \{1, 2, 4\}"):
-        ModelConfig.from_pretrained(checkpoints["legacy"], tp_size=3)
-    cfg = ModelConfig.from_pretrained(checkpoints["v5"], tp_size=2)
-    assert (cfg.family, cfg.num_local_heads, cfg.num_local_kv_heads, cfg.qkv_bias) == ("qwen2_vl", 2, 1, True)
+        load_config(checkpoints["legacy"], tp_size=3)
+    spec, cfg = load_config(checkpoints["v5"], tp_size=2)
+    assert spec is qwen2_vl.SPEC and (cfg.num_local_heads, cfg.num_local_kv_heads, cfg.qkv_bias) == (2, 1, True)
     # a vision tower with 2 heads: tp=4 fits the text side (4 heads, 2 KV heads) but not the vision side
     config = json.load(open(os.path.join(checkpoints["v5"], "config.json")))
     config["vision_config"].update(num_heads=2)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"tp=4 does not divide the vision tower's num_heads=2 .* "
                                           r"use tp in \{1, 2\}"):
-        ModelConfig.from_pretrained(str(tmp_path), tp_size=4)
+        load_config(str(tmp_path), tp_size=4)
 
 
 @pytest.mark.parametrize("tp", TPS)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import tiny_models as tm
 from dist_utils import run, torchrun_cmd
-from tp_embed.config import ConfigError, ModelConfig
-from tp_embed.layers.attention import use_flashinfer
+from tp_embed.config import ConfigError
+from tp_embed.layers.attention import FlashInferAttention, select_attention
+from tp_embed.models import load_config
 from tp_embed.pooling import MatryoshkaError, check_dimensions
 
 
@@ -30,14 +32,14 @@ def io_args(tmp_path_factory):
 
 def test_tp_that_does_not_divide_heads_names_valid_values(mistral):
     with pytest.raises(ConfigError) as e:
-        ModelConfig.from_pretrained(mistral, tp_size=3, name="tiny-mistral")
+        load_config(mistral, tp_size=3, name="tiny-mistral")
     assert str(e.value) == ("tp=3 does not divide num_attention_heads=8 of tiny-mistral; use tp in {1, 2, 4, 8}")
 
 
 def test_tp_that_does_not_fit_kv_heads(tmp_path):
     path = tm.make_mistral(str(tmp_path / "m"), num_attention_heads=12, num_key_value_heads=4, hidden_size=96)
     with pytest.raises(ConfigError, match=r"tp=6 does not fit num_key_value_heads=4 of m; use tp in \{1, 2, 4, 12\}"):
-        ModelConfig.from_pretrained(path, tp_size=6, name="m")
+        load_config(path, tp_size=6, name="m")
 
 
 def test_unsupported_architecture_lists_supported(tmp_path, mistral):
@@ -45,7 +47,7 @@ def test_unsupported_architecture_lists_supported(tmp_path, mistral):
     cfg["architectures"] = ["MistralForSequenceClassification"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as e:
-        ModelConfig.from_pretrained(str(tmp_path), name="x")
+        load_config(str(tmp_path), name="x")
     msg = str(e.value)
     assert "unsupported architecture ['MistralForSequenceClassification']" in msg
     for arch in ("MistralModel", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "BertModel", "XLMRobertaModel"):
@@ -54,7 +56,7 @@ def test_unsupported_architecture_lists_supported(tmp_path, mistral):
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="has no config.json"):
-        ModelConfig.from_pretrained(str(tmp_path))
+        load_config(str(tmp_path))
 
 
 def test_missing_weight_is_named(tmp_path, mistral):
@@ -151,9 +153,9 @@ def test_offline_input_too_long_names_both_numbers(mistral, tmp_path):
 
 def test_flashinfer_is_not_used_for_head_dim_32():
     # all-MiniLM-L6-v2 has head_dim 32: SDPA on CUDA instead of failing
-    assert not use_flashinfer(torch.device("cuda"), 32, torch.bfloat16)
+    assert select_attention(torch.device("cuda"), torch.bfloat16, 32) is not FlashInferAttention
     with pytest.raises(ValueError, match="head_dim in"):
-        use_flashinfer(torch.device("cuda"), 32, torch.bfloat16, backend="flashinfer")
+        select_attention(torch.device("cuda"), torch.bfloat16, 32, backend="flashinfer")
 
 
 def test_preset_with_unknown_setting_is_rejected(tmp_path):
@@ -168,4 +170,5 @@ def test_chat_template_on_a_model_without_one(mistral, io_args):
     proc = run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", mistral, "--chat-template", "gme-qwen2-vl",
                             *io_args))
     assert proc.returncode != 0
-    assert "--chat-template gme-qwen2-vl applies to Qwen2-VL (GME) models" in proc.stderr
+    assert re.search(r"--chat-template gme-qwen2-vl does not apply to \S+: it applies to Qwen2-VL \(GME\) models; "
+                     r"use prompt_name for instructions", proc.stderr), proc.stderr[-2000:]

@@ -2,4 +2,5 @@
 
 from tp_embed.command import cli
 
-cli()
+if __name__ == "__main__":
+    cli()

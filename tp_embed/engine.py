@@ -1,7 +1,7 @@
 """The engine: every rank holds a model shard; rank 0 also tokenizes, packs batches, sends them to the
 workers and pools.
 
-    rank 0:   tokens -> pack_batches -> send_batch + model.forward -> pool -> float32 [n, hidden]
+    rank 0:   tokens -> pack -> send_batch + model.forward -> pool -> float32 [n, hidden]
     rank k>0: worker_loop: recv -> model.forward (its shard, all-reduces with rank 0) -> repeat
 
 Exactly one thread on rank 0 may call `forward_pooled` / `heartbeat` / `stop_workers`: collectives must
@@ -17,95 +17,22 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from tp_embed.batch import Batch
-from tp_embed.config import ConfigError, ModelConfig, SentenceTransformersConfig, resolve_dtype
+from tp_embed.config import ConfigError, EngineConfig, SentenceTransformersConfig, resolve_dtype
 from tp_embed.distributed import all_reduce_min, init_distributed
 from tp_embed.kernels import load_cpu_attention
 from tp_embed.layers.linear import onednn_available, prepack_linears
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
-from tp_embed.models import build_model, build_processor
+from tp_embed.models import build_model, check_family_flags, load_config
+from tp_embed.models.spec import ProcessorSetup
+from tp_embed.packing import pack
 from tp_embed.pooling import pool
 from tp_embed.protocol import Cmd, recv, recv_pooled, send_batch, send_command, send_pooled
+from tp_embed.text import TextProcessor
 
 logger = logging.getLogger("tp_embed")
-
-
-class InputTooLongError(ValueError):
-    def __init__(self, index: int, num_tokens: int, limit: int):
-        self.index, self.num_tokens, self.limit = index, num_tokens, limit
-        super().__init__(f"input {index} has {num_tokens} tokens, more than this model's context length of "
-                         f"{limit} tokens; shorten it or ask for truncation (`truncate: true` or "
-                         f"--allow-auto-truncate)")
-
-
-class TextProcessor:
-    """The model's own tokenizer as configured (its special tokens, e.g. the EOS that gte-Qwen2 and
-    Qwen3-Embedding pool on), the context length and the sentence-transformers prompts."""
-
-    def __init__(self, model_dir: str, config: ModelConfig, st: SentenceTransformersConfig,
-                 context_length: int | None, trust_remote_code: bool):
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        if not self.tokenizer.is_fast:
-            logger.warning("%s has no fast tokenizer; tokenization will be slow", model_dir)
-        limit = config.max_input_tokens
-        if context_length is not None:
-            if context_length > limit:
-                raise ConfigError(f"--context-length {context_length} exceeds the model's position limit {limit}")
-            self.max_length = context_length
-        elif st.max_seq_length:
-            self.max_length = min(st.max_seq_length, limit)
-        elif 0 < getattr(self.tokenizer, "model_max_length", 0) < 10 ** 7:
-            self.max_length = min(self.tokenizer.model_max_length, limit)
-        else:
-            self.max_length = limit
-        self.prompts = dict(st.prompts)
-        self.default_prompt_name = st.default_prompt_name
-        self.vocab_size = config.vocab_size
-
-    def prompt(self, name: str | None) -> str:
-        name = name if name is not None else self.default_prompt_name
-        if name is None:
-            return ""
-        if name not in self.prompts:
-            known = ", ".join(sorted(self.prompts)) or "none"
-            raise KeyError(f"unknown prompt_name {name!r}; this model's prompts: {known}")
-        return self.prompts[name]
-
-    def encode(self, texts: list[str], truncate: bool, prompt: str = "") -> list[list[int]]:
-        """Token ids per text, with the tokenizer's special tokens; raises InputTooLongError."""
-        if prompt:
-            texts = [prompt + t for t in texts]
-        if truncate:
-            return self.tokenizer(texts, add_special_tokens=True, truncation=True,
-                                  max_length=self.max_length)["input_ids"]
-        # verbose=False: transformers would warn that an input over model_max_length "will result in indexing
-        # errors"; check_lengths answers that with a 400 instead
-        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        self.check_lengths(ids)
-        return ids
-
-    def check_lengths(self, sequences: list[list[int]]) -> None:
-        for i, s in enumerate(sequences):
-            if len(s) > self.max_length:
-                raise InputTooLongError(i, len(s), self.max_length)
-
-
-def pack_batches(lengths: list[int], max_batch_tokens: int, max_batch_seqs: int) -> list[list[int]]:
-    """Group sequence indices, in order, into batches of at most max_batch_tokens tokens and
-    max_batch_seqs sequences. A sequence longer than the budget gets a batch of its own."""
-    batches, current, tokens = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and (tokens + n > max_batch_tokens or len(current) == max_batch_seqs):
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += n
-    if current:
-        batches.append(current)
-    return batches
 
 
 def fit_batch_tokens(requested: int, free_bytes: float, bytes_per_token: float, headroom: float = 0.85) -> int:
@@ -116,63 +43,73 @@ def fit_batch_tokens(requested: int, free_bytes: float, bytes_per_token: float, 
 
 
 class Engine:
-    def __init__(self, args, show_progress: bool = True):
-        self.args = args
+    """One rank's shard of the model; on a group's rank 0 also the tokenizer, the batch budgets, pooling and
+    the family's multimodal processor. Rank 0's engine thread is the `BatchRunner` processors see."""
+
+    def __init__(self, options: EngineConfig, show_progress: bool = True):
+        self.options = options
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 1) // local_world))
-        self.dist = init_distributed(args.tp, args.device, args.dist_backend, args.dist_timeout, args.dp)
+        torch.set_num_threads(options.num_threads or max(1, (os.cpu_count() or 1) // local_world))
+        self.dist = init_distributed(options.tp, options.device, options.dist_backend, options.dist_timeout,
+                                     options.dp)
         self.is_driver = self.dist.tp_rank == 0
-        self.model_dir, self.model_name = resolve_model_path(args.model_path)
-        self.config = ModelConfig.from_pretrained(self.model_dir, args.tp, args.trust_remote_code,
-                                                  args.model_overrides, self.model_name)
-        if args.chat_template is not None and self.config.family != "qwen2_vl":
-            raise ConfigError(f"--chat-template {args.chat_template} applies to Qwen2-VL (GME) models; "
-                              f"{self.model_name} takes no chat template (use prompt_name for instructions)")
-        if args.pooling is not None and self.config.family == "clip":
-            raise ConfigError(f"--pooling {args.pooling} does not apply to {self.model_name}: CLIP's towers pool "
-                              "themselves (the text tower at its end-of-text token, the vision tower at its class "
-                              "token) before their projections; leave --pooling out")
+        self.model_dir, self.model_name = resolve_model_path(options.model_path)
+        self.spec, self.config = load_config(self.model_dir, options.tp, options.trust_remote_code,
+                                             options.model_overrides, self.model_name)
+        check_family_flags(self.spec, options, self.model_name)
         self.device = self.dist.device
-        self.dtype = resolve_dtype(args.dtype, self.device)
-        t0 = time.perf_counter()
-        self.model = build_model(self.config, self.dtype, self.device)
-        if args.load_format == "dummy":
-            self.load_stats = init_dummy_weights(self.model)
-        else:
-            self.load_stats = load_weights(self.model, self.model_dir, show_progress and self.is_driver)
-        self.load_seconds = time.perf_counter() - t0
-        # prepack_linears takes the float32 layers on the CPU only: elsewhere nothing is packed
-        packed = args.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0
-        self.cpu_matmul = "onednn" if packed else "torch"
-        self.attention_backend = self.choose_attention(args)
-        self.max_batch_tokens = args.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.load_model(show_progress and self.is_driver)
+        self.attention_backend = self.choose_attention()
+        self.max_batch_tokens = options.max_batch_tokens or (16384 if self.device.type == "cuda" else 8192)
         if self.device.type == "cuda":
             self.max_batch_tokens = self.fit_batch_to_memory(self.max_batch_tokens)
-        self.max_batch_seqs = args.max_batch_seqs
-        self.st = SentenceTransformersConfig.read(self.model_dir)
-        decoder_like = self.config.family in ("decoder", "qwen2_vl")
-        self.pooling = args.pooling or self.st.pooling or ("last" if decoder_like else "cls")
+        self.max_batch_seqs = options.max_batch_seqs
+        st = SentenceTransformersConfig.read(self.model_dir)
+        self.pooling = None  # the model pools itself: its forward returns one vector per input
+        if self.spec.default_pooling is not None:
+            self.pooling = options.pooling or st.pooling or self.spec.default_pooling
         has_st = os.path.isfile(os.path.join(self.model_dir, "modules.json"))
-        self.normalize = args.normalize if args.normalize is not None else (self.st.normalize or not has_st)
+        self.normalize = options.normalize if options.normalize is not None else (st.normalize or not has_st)
         hf = self.config.hf_config
         self.matryoshka_dimensions = getattr(hf, "matryoshka_dimensions", None)
         self.is_matryoshka = bool(getattr(hf, "is_matryoshka", False))
-        self.text = (TextProcessor(self.model_dir, self.config, self.st, args.context_length,
-                                   args.trust_remote_code) if self.is_driver else None)
-        if self.text is not None and self.text.max_length > self.max_batch_tokens:
+        self.text = self.processor = None
+        if self.is_driver:
+            self.text = self.build_text(st)
+            # multimodal families bring a processor for images (None: text only)
+            if self.spec.processor is not None:
+                self.processor = self.spec.processor(
+                    ProcessorSetup(self.model_dir, self.model_name, self.config, self.text, options))
+
+    def load_model(self, show_progress: bool) -> None:
+        """Build this rank's shard, fill it (checkpoint or --load-format dummy), and pack its linear layers
+        for oneDNN where --cpu-matmul asks (float32 on the CPU only: elsewhere nothing is packed)."""
+        t0 = time.perf_counter()
+        self.model = build_model(self.spec, self.config, self.dtype, self.device)
+        if self.options.load_format == "dummy":
+            self.load_stats = init_dummy_weights(self.model)
+        else:
+            self.load_stats = load_weights(self.model, self.spec.checkpoint, self.model_dir, show_progress)
+        self.load_seconds = time.perf_counter() - t0
+        packed = self.options.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0
+        self.cpu_matmul = "onednn" if packed else "torch"
+
+    def build_text(self, st: SentenceTransformersConfig) -> TextProcessor:
+        text = TextProcessor(self.model_dir, st, self.config.max_input_tokens, self.options.context_length,
+                             self.options.trust_remote_code)
+        if text.max_length > self.max_batch_tokens:
             # an input must fit one batch: longer ones are refused (or truncated when asked), never looped on
             logger.warning("context length %d exceeds the batch budget of %d tokens; inputs are limited to %d",
-                           self.text.max_length, self.max_batch_tokens, self.max_batch_tokens)
-            self.text.max_length = self.max_batch_tokens
-        # multimodal families bring a processor for images (None: text only)
-        self.processor = build_processor(self) if self.is_driver else None
+                           text.max_length, self.max_batch_tokens, self.max_batch_tokens)
+            text.max_length = self.max_batch_tokens
+        return text
 
-    def choose_attention(self, args) -> str:
+    def choose_attention(self) -> str:
         """--attention-backend, or "cpu_kernel" where --cpu-attention lets the compiled CPU kernel take it."""
-        wanted = args.cpu_attention
-        if (self.device.type != "cpu" or self.dtype != torch.float32 or args.attention_backend != "auto"
-                or wanted == "torch"):
-            return args.attention_backend
+        wanted, backend = self.options.cpu_attention, self.options.attention_backend
+        if self.device.type != "cpu" or self.dtype != torch.float32 or backend != "auto" or wanted == "torch":
+            return backend
         error = load_cpu_attention()
         if error is None:
             return "cpu_kernel"
@@ -182,7 +119,7 @@ class Engine:
             logger.warning("the CPU attention kernel could not be built (%s); attending with PyTorch's ops, "
                            "which are slower on short inputs (install a C++ compiler, or pass "
                            "--cpu-attention torch to silence this)", error)
-        return args.attention_backend
+        return backend
 
     @torch.inference_mode()
     def fit_batch_to_memory(self, requested: int, probe_tokens: int = 2048) -> int:
@@ -208,8 +145,9 @@ class Engine:
         return budget
 
     @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
+    def embedding_size(self) -> int:
+        """Size of the vectors this engine returns (before Matryoshka truncation)."""
+        return self.config.embedding_size
 
     def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
         """Rank 0: one packed batch of token sequences -> pooled float32 [n, hidden] on CPU."""
@@ -219,13 +157,14 @@ class Engine:
     def forward_batch(self, batch: Batch) -> torch.Tensor:
         """Rank 0: send `batch` (built on the CPU) to the workers, run this rank's shard, and pool.
 
-        Models that pool themselves (CLIP's towers end in their own pooling and projection) return
-        one vector per item; the others return hidden states that `pool` reduces per sequence.
+        Models that pool themselves (the family's default_pooling is None: CLIP's towers end in their own
+        pooling and projection) return one vector per item; the others return hidden states that `pool`
+        reduces per sequence.
         """
         send_batch(batch)
         batch = batch.to(self.device)
         out = self.model(batch, self.attention_backend)
-        if getattr(self.model, "pools_itself", False):
+        if self.pooling is None:
             return out.float().cpu()
         return pool(out, batch.cu_seqlens, self.pooling).cpu()
 
@@ -251,8 +190,8 @@ class Engine:
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         batches = collections.deque(
             [order[j] for j in group]
-            for group in pack_batches([lengths[i] for i in order], self.max_batch_tokens, self.max_batch_seqs))
-        out = torch.empty(len(lengths), self.hidden_size, dtype=torch.float32)
+            for group in pack([lengths[i] for i in order], self.max_batch_tokens, self.max_batch_seqs))
+        out = torch.empty(len(lengths), self.embedding_size, dtype=torch.float32)
         lock = threading.Lock()
         progress = tqdm(total=len(lengths), unit="input", desc="embedding", disable=not show_progress,
                         dynamic_ncols=True)
@@ -282,11 +221,11 @@ class Engine:
     def prepare_items(self, items: list, truncate: bool | None = None, text: TextProcessor | None = None) -> list:
         """Rank 0, any thread: multimodal Items (text, image or both) -> the model family's prepared
         inputs (token ids, image patches, positions), one per item, through its processor (built by
-        `build_processor`). `text` is the calling thread's TextProcessor (default the engine's);
+        the family's spec). `text` is the calling thread's TextProcessor (default the engine's);
         `truncate` None follows --allow-auto-truncate. Raises ValueError naming a bad item."""
         if self.processor is None:
             raise ValueError(f"{self.model_name} takes text only")
-        truncate = self.args.allow_auto_truncate if truncate is None else truncate
+        truncate = self.options.allow_auto_truncate if truncate is None else truncate
         return self.processor.prepare_items(text or self.text, items, truncate)
 
     def prepared_tokens(self, prepared: list) -> int:
@@ -361,7 +300,7 @@ class RemoteGroup:
 
     def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
         send_batch(Batch.from_token_ids(sequences), self.group, 0)
-        return recv_pooled(len(sequences), self.engine.hidden_size, self.group, self.leader)
+        return recv_pooled(len(sequences), self.engine.embedding_size, self.group, self.leader)
 
     def heartbeat(self) -> None:
         send_command(Cmd.NOOP, self.group, 0)

@@ -33,7 +33,7 @@ def build_parser(description: str = __doc__, prog: str | None = None) -> argpars
 
 def run_worker(args) -> int:
     """Ranks 1..N-1: load the shard and run batches until rank 0 sends STOP."""
-    from tp_embed.config import ConfigError
+    from tp_embed.config import ConfigError, EngineConfig
     from tp_embed.distributed import destroy_distributed
     from tp_embed.engine import Engine
 
@@ -43,7 +43,7 @@ def run_worker(args) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        engine = Engine(args, show_progress=False)
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
     except ConfigError as e:
         logger.error("%s", e)
         return 2

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from tp_embed.config import ConfigError
+from tp_embed.errors import ConfigError
+from tp_embed.models.spec import CheckpointLayout
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -35,21 +36,6 @@ def checkpoint_files(model_dir: str) -> list[str]:
         raise ConfigError(f"{model_dir} holds no .safetensors weights (pytorch_model.bin is not supported; "
                           f"convert it with safetensors' convert script)")
     return [os.path.join(model_dir, f) for f in found]
-
-
-def param_name(model: nn.Module, key: str) -> tuple[str, object] | None:
-    """Checkpoint key -> (parameter name, shard id), or None for a tensor the model does not use."""
-    for prefix in model.strip_prefixes:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    if key.startswith(model.ignored_prefixes):
-        return None
-    key = key.replace("encoder.layer.", "layers.").replace(".gamma", ".weight").replace(".beta", ".bias")
-    for ckpt_part, (param_part, shard_id) in model.packed_modules.items():
-        if ckpt_part in key:
-            return key.replace(ckpt_part, param_part), shard_id
-    return key, None
 
 
 class _CountingSlice:
@@ -73,14 +59,14 @@ class _CountingSlice:
         return t
 
 
-def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -> dict:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`; returns read statistics
-    {"bytes_read": n, "largest_read_fraction": {param name: fraction}}."""
+def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, show_progress: bool = True) -> dict:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`, its keys mapped by the family's
+    `layout`; returns read statistics {"bytes_read": n, "largest_read_fraction": {param name: fraction}}."""
     params = dict(model.named_parameters())
     expected = defaultdict(set)
     for name in params:
         expected[name].add(None)
-    for param_part, shard_id in model.packed_modules.values():
+    for param_part, shard_id in layout.packed_modules.values():
         if shard_id is not None:
             for name in params:
                 if f".{param_part}." in f".{name}":
@@ -92,7 +78,7 @@ def load_weights(model: nn.Module, model_dir: str, show_progress: bool = True) -
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    target = param_name(model, key)
+                    target = layout.param_name(key)
                     if target is None:
                         continue
                     name, shard_id = target

@@ -82,13 +82,14 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
 
     import numpy as np
 
-    from tp_embed.config import ConfigError
+    from tp_embed.config import ConfigError, EngineConfig
     from tp_embed.distributed import destroy_distributed
-    from tp_embed.engine import Engine, InputTooLongError
+    from tp_embed.engine import Engine
     from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
+    from tp_embed.text import InputTooLongError
 
     try:
-        engine = Engine(args, show_progress=not args.no_progress)
+        engine = Engine(EngineConfig.from_args(args), show_progress=not args.no_progress)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         return 0
     lanes = engine.groups()
     try:
-        check_dimensions(args.dimensions, engine.hidden_size, engine.matryoshka_dimensions, engine.is_matryoshka)
+        check_dimensions(args.dimensions, engine.embedding_size, engine.matryoshka_dimensions, engine.is_matryoshka)
         prompt = engine.text.prompt(args.prompt_name)
         sequences = engine.text.encode(texts, truncate=args.allow_auto_truncate, prompt=prompt)
         pooled = engine.embed(sequences, lanes=lanes, show_progress=not args.no_progress)

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from tp_embed.packing import Packer
+
 logger = logging.getLogger("tp_embed")
 
 
@@ -240,14 +242,14 @@ class Scheduler:
     def _take_item_jobs(self, max_tokens: int) -> list[Job]:
         """Whole multimodal jobs from the head of their queue while their prepared inputs cost at most
         max_tokens together (always at least one job). Called with the lock held."""
-        jobs, num_tokens = [], 0
+        jobs, packer = [], Packer(max_tokens, max_seqs=len(self._item_jobs))
         while self._item_jobs:
             job = self._item_jobs[0]
             if not job.cancelled:
-                if jobs and num_tokens + job.num_tokens > max_tokens:
+                if not packer.fits(job.num_tokens):
                     break
                 jobs.append(job)
-                num_tokens += job.num_tokens
+                packer.add(job.num_tokens)
             self._item_jobs.popleft()
         return jobs
 
@@ -285,9 +287,9 @@ class Scheduler:
         return finished
 
     def _pack(self, max_batch_tokens: int, max_batch_seqs: int) -> list[tuple[Job, int, int]]:
-        """Take (job, start, end) slices from the head of the queue until the batch is full. An input
-        longer than the token budget gets a batch of its own. Called with the lock held."""
-        batch, num_tokens, num_seqs = [], 0, 0
+        """Take (job, start, end) slices from the head of the queue until the batch is full (by `Packer`'s
+        rule: an input longer than the token budget gets a batch of its own). Called with the lock held."""
+        batch, packer = [], Packer(max_batch_tokens, max_batch_seqs)
         while self._waiting:
             job = self._waiting[0]
             if job.cancelled:
@@ -295,12 +297,8 @@ class Scheduler:
                 continue
             sequences, start = job.sequences, job.next_seq
             end = start
-            while end < len(sequences):
-                n = len(sequences[end])
-                if num_seqs and (num_tokens + n > max_batch_tokens or num_seqs == max_batch_seqs):
-                    break
-                num_tokens += n
-                num_seqs += 1
+            while end < len(sequences) and packer.fits(len(sequences[end])):
+                packer.add(len(sequences[end]))
                 end += 1
             if end > start:
                 batch.append((job, start, end))

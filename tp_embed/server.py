@@ -31,16 +31,26 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tp_embed.config import ConfigError
-from tp_embed.engine import Engine, InputTooLongError
+from tp_embed.config import ConfigError, EngineConfig
+from tp_embed.engine import Engine
 from tp_embed.items import Item
 from tp_embed.media import MediaConfig, MediaError, load_images
 from tp_embed.metrics import Metrics
-from tp_embed.openai_protocol import (APIError, EmbeddingRequest, TokenizeRequest, check_encoding_format,
-                                      check_text, check_token_ids, parse_input, parse_items, parse_json_body,
-                                      render_embeddings)
+from tp_embed.openai_protocol import (
+    APIError,
+    EmbeddingRequest,
+    TokenizeRequest,
+    check_encoding_format,
+    check_text,
+    check_token_ids,
+    parse_input,
+    parse_items,
+    parse_json_body,
+    render_embeddings,
+)
 from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
+from tp_embed.text import InputTooLongError
 
 logger = logging.getLogger("tp_embed")
 
@@ -81,7 +91,7 @@ class EmbeddingServer:
     # ---- engine thread callbacks ----
 
     def _build_engine(self) -> Engine:
-        engine = Engine(self.args)
+        engine = Engine(EngineConfig.from_args(self.args))
         engine.warmup()
         engine.forward_pooled([[0] * 4])  # the single-sequence attention path too
         self.served_model_name = self.args.served_model_name or engine.model_name
@@ -126,10 +136,11 @@ class EmbeddingServer:
         self.state = "ready"
         self.metrics.ready.set(1)
         e = self.engine
-        logger.info("ready: %s as %r, tp=%d, %s, hidden %d, pooling %s, normalize %s, context length %d, "
+        logger.info("ready: %s as %r, tp=%d, %s, %d dimensions, pooling %s, normalize %s, context length %d, "
                     "max batch %d tokens / %d inputs, max queued tokens %d", e.model_name,
-                    self.served_model_name, e.dist.tp_size, e.dtype, e.hidden_size, e.pooling, e.normalize,
-                    e.text.max_length, e.max_batch_tokens, e.max_batch_seqs, self.scheduler.max_queued_tokens)
+                    self.served_model_name, e.dist.tp_size, e.dtype, e.embedding_size, e.pooling or "the model's own",
+                    e.normalize, e.text.max_length, e.max_batch_tokens, e.max_batch_seqs,
+                    self.scheduler.max_queued_tokens)
 
     def _fail(self, error: BaseException) -> None:
         if isinstance(error, (ConfigError, SystemExit)):
@@ -225,7 +236,7 @@ class EmbeddingServer:
         check_encoding_format(req.encoding_format)
         engine = self.engine
         try:
-            check_dimensions(req.dimensions, engine.hidden_size, engine.matryoshka_dimensions, engine.is_matryoshka)
+            check_dimensions(req.dimensions, engine.embedding_size, engine.matryoshka_dimensions, engine.is_matryoshka)
         except MatryoshkaError as e:
             raise APIError(400, str(e), param="dimensions") from None
         truncate = req.truncate if req.truncate is not None else self.args.allow_auto_truncate

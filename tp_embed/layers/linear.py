@@ -17,32 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_embed.distributed import all_reduce, tp_rank, tp_size
-
-
-def loaded_shape(loaded) -> tuple[int, ...]:
-    return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
-
-
-def read_rows(loaded, start: int, length: int) -> torch.Tensor:
-    """Rows [start, start + length) of a tensor or safetensors slice (dim 0)."""
-    return loaded[start:start + length]
-
-
-def read_cols(loaded, start: int, length: int) -> torch.Tensor:
-    """Columns [start, start + length) along dim 1 (the input dim of a 2-D weight)."""
-    return loaded[:, start:start + length]
-
-
-def read_all(loaded) -> torch.Tensor:
-    return loaded[:]
-
-
-def replicated_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
-    shape = loaded_shape(loaded)
-    if shape != tuple(param.shape):
-        raise ValueError(f"checkpoint shape {shape} does not match parameter shape {tuple(param.shape)}")
-    param.data.copy_(read_all(loaded))
-
+from tp_embed.layers.weights import loaded_shape, read_cols, read_rows, replicated_weight_loader
 
 # transformers' activation name -> oneDNN's GELU algorithm, for the activations a layer can fuse
 FUSABLE_ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
@@ -196,6 +171,20 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, start = kv_size, (self.tp_rank // self.kv_replicas) * kv_size
         param.data[offset:offset + size].copy_(read_rows(loaded, start, size))
+
+
+class StackedQKVParallelLinear(ColumnParallelLinear):
+    """[q | k | v] = x [W_q; W_k; W_v]^T + b, loaded from ONE checkpoint tensor that stacks W_q, W_k and W_v
+    by rows (e.g. Qwen2-VL's vision `attn.qkv`). Rank i holds heads [i*h/p, (i+1)*h/p) of each, laid out
+    [q_i | k_i | v_i]."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 3 * hidden_size, bias=True)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        local, full = param.shape[0] // 3, loaded_shape(loaded)[0] // 3
+        for i in range(3):
+            param.data[i * local:(i + 1) * local].copy_(read_rows(loaded, i * full + self.tp_rank * local, local))
 
 
 class RowParallelLinear(PackedLinear):

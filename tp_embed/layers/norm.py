@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from tp_embed.layers.linear import replicated_weight_loader
+from tp_embed.layers.weights import replicated_weight_loader
 
 
 class RMSNorm(nn.Module):

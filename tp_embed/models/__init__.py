@@ -1,48 +1,68 @@
-"""Model families: architecture name -> implementation."""
+"""Model families: architecture name -> the family's spec, a plain dict.
 
-from tp_embed.config import ModelConfig
+A family is one module here ending in `SPEC = ModelSpec(...)` (tp_embed/models/spec.py). To add one, write
+the module and add its SPEC to `SPECS`.
+"""
+
+import os
+
+import torch
+from torch import nn
+
+from tp_embed.config import EngineConfig, ModelConfig, read_hf_config
+from tp_embed.errors import ConfigError
+from tp_embed.models import bert, clip, decoder, qwen2_vl
+from tp_embed.models.spec import FAMILY_FLAGS, ModelSpec
+
+SPECS = (decoder.SPEC, bert.SPEC, qwen2_vl.SPEC, clip.SPEC)
+ARCHITECTURES = {arch: spec for spec in SPECS for arch in spec.architectures}
 
 
-def build_model(config: ModelConfig, dtype, device):
-    from tp_embed.models.bert import BertModel
-    from tp_embed.models.clip import ClipModel
-    from tp_embed.models.decoder import DecoderModel
-    from tp_embed.models.qwen2_vl import Qwen2VLModel
+def load_config(model_path: str, tp_size: int = 1, trust_remote_code: bool = False, overrides: dict | None = None,
+                name: str | None = None) -> tuple[ModelSpec, ModelConfig]:
+    """The spec of the model in `model_path` (by config.json's architectures) and its ModelConfig at this
+    tp. Raises ConfigError for an unsupported architecture or a tp that does not fit."""
+    name = name or os.path.basename(os.path.normpath(model_path))
+    hf, raw = read_hf_config(model_path, trust_remote_code, overrides)
+    archs = list(getattr(hf, "architectures", None) or raw.get("architectures") or [])
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ConfigError(f"{name}: unsupported architecture {archs or '(none in config.json)'}; "
+                          f"supported: {', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
+    return spec, spec.build_config(hf, raw, tp_size, name)
 
-    cls = {"decoder": DecoderModel, "encoder": BertModel, "qwen2_vl": Qwen2VLModel,
-           "clip": ClipModel}[config.family]
+
+def check_family_flags(spec: ModelSpec, options: EngineConfig, model_name: str) -> None:
+    """ConfigError for a family-specific flag (FAMILY_FLAGS) given to a family that does not take it."""
+    for flag, advice in FAMILY_FLAGS.items():
+        value = getattr(options, flag)
+        if value is None or flag in spec.flags:
+            continue
+        takers = [s.name for s in SPECS if flag in s.flags]
+        note = spec.flag_notes.get(flag) or f"it applies to {', '.join(takers)} models; {advice}"
+        raise ConfigError(f"--{flag.replace('_', '-')} {value} does not apply to {model_name}: {note}")
+
+
+def build_model(spec: ModelSpec, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The family's model at this rank's shard shapes, built directly in `dtype` on `device`."""
     with torch_default(dtype, device):
-        model = cls(config)
+        model = spec.model_class(config)
     return model.eval()
-
-
-def build_processor(engine):
-    """Rank 0's multimodal input processor for the model family, or None for text-only families.
-    A processor has `prepare_items(text, items, truncate) -> prepared inputs` (any thread),
-    `cost(prepared input) -> tokens` and `embed_prepared(engine, prepared) -> float32 [len(prepared), dim]`
-    (the engine thread)."""
-    if engine.config.family == "qwen2_vl":
-        from tp_embed.models.qwen2_vl import GmeProcessor
-        return GmeProcessor(engine)
-    if engine.config.family == "clip":
-        from tp_embed.models.clip import ClipProcessor
-        return ClipProcessor(engine.model_dir, engine.config)
-    return None
 
 
 class torch_default:
     """Build parameters directly at their shard shape, dtype and device (no float32 CPU detour)."""
 
-    def __init__(self, dtype, device):
-        import torch
-        self.torch, self.dtype, self.device = torch, dtype, device
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
 
     def __enter__(self):
-        self.old_dtype = self.torch.get_default_dtype()
-        self.torch.set_default_dtype(self.dtype)
-        self.device_ctx = self.torch.device(self.device)
+        self.old_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        self.device_ctx = torch.device(self.device)
         self.device_ctx.__enter__()
 
     def __exit__(self, *exc):
         self.device_ctx.__exit__(*exc)
-        self.torch.set_default_dtype(self.old_dtype)
+        torch.set_default_dtype(self.old_dtype)

@@ -9,19 +9,20 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from tp_embed.batch import Batch
-from tp_embed.config import ModelConfig
-from tp_embed.layers.attention import VarlenAttention
-from tp_embed.layers.linear import (FUSABLE_ACTIVATIONS, ColumnParallelLinear, QKVParallelLinear,
-                                    RowParallelLinear, VocabParallelEmbedding, bucket_rows, pad_rows,
-                                    replicated_weight_loader)
+from tp_embed.config import ModelConfig, check_tp_divides_heads, pad_vocab
+from tp_embed.layers.attention import Attention, plan_attention
+from tp_embed.layers.linear import (
+    FUSABLE_ACTIVATIONS,
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    bucket_rows,
+    pad_rows,
+)
 from tp_embed.layers.norm import LayerNorm
-
-
-class ReplicatedEmbedding(nn.Embedding):
-    def __init__(self, num: int, dim: int):
-        super().__init__(num, dim)
-        self.weight.requires_grad_(False)
-        self.weight.weight_loader = replicated_weight_loader
+from tp_embed.layers.replicated import ReplicatedEmbedding
+from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 
 class BertEmbeddings(nn.Module):
@@ -49,11 +50,11 @@ class BertAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True)
         self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
         cfg = self.cfg
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).view(num_tokens, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
-        o = attn(q, k, v)  # [num_tokens, local_heads, head_dim]
+        o = attn.run(q, k, v)  # [num_tokens, local_heads, head_dim]
         return self.LayerNorm(self.dense(o.reshape(num_tokens, cfg.q_size), residual=x))
 
 
@@ -69,25 +70,12 @@ class BertLayer(nn.Module):
         self.output = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True)
         self.output_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
         x = self.attention(x, attn)
         return self.output_norm(self.output(self.act(self.intermediate(x)), residual=x))
 
 
 class BertModel(nn.Module):
-    packed_modules = {
-        "attention.self.query": ("attention.qkv_proj", "q"),
-        "attention.self.key": ("attention.qkv_proj", "k"),
-        "attention.self.value": ("attention.qkv_proj", "v"),
-        "attention.output.dense": ("attention.dense", None),
-        "attention.output.LayerNorm": ("attention.LayerNorm", None),
-        "intermediate.dense": ("intermediate", None),
-        "output.dense": ("output", None),
-        "output.LayerNorm": ("output_norm", None),
-    }
-    strip_prefixes = ("bert.", "roberta.", "model.")
-    ignored_prefixes = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -101,8 +89,47 @@ class BertModel(nn.Module):
             # oneDNN's matmuls run at bucketed row counts: pad once here rather than in every layer (every
             # op is row-wise but attention, which stops at the batch's tokens)
             x = pad_rows(x, bucket_rows(num_tokens))
-        attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
-                               self.cfg.num_local_heads, self.cfg.head_dim, False, x.dtype, attention_backend)
+        attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
+                              self.cfg.num_local_heads, self.cfg.head_dim, False, x.dtype, attention_backend)
         for layer in self.layers:
             x = layer(x, attn)
         return x[:num_tokens]
+
+
+def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
+    num_heads = hf.num_attention_heads
+    check_tp_divides_heads(tp_size, num_heads, name)
+    return ModelConfig(
+        hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+        intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, norm_eps=hf.layer_norm_eps,
+        max_position_embeddings=hf.max_position_embeddings, causal=False, hidden_act=hf.hidden_act,
+        gated_mlp=False, tp_size=tp_size, num_local_heads=num_heads // tp_size,
+        num_local_kv_heads=num_heads // tp_size, vocab_size_padded=pad_vocab(hf.vocab_size, tp_size),
+        embedding_size=hf.hidden_size, hf_config=hf, qkv_bias=True, type_vocab_size=hf.type_vocab_size,
+        position_offset=hf.pad_token_id + 1 if hf.model_type == "xlm-roberta" else 0)
+
+
+SPEC = ModelSpec(
+    name="BERT / XLM-RoBERTa encoder",
+    architectures=("BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM"),
+    build_config=build_config,
+    model_class=BertModel,
+    checkpoint=CheckpointLayout(
+        strip_prefixes=("bert.", "roberta.", "model."),
+        ignored_prefixes=("pooler.", "cls.", "lm_head.", "embeddings.position_ids"),
+        # old BERT checkpoints: encoder.layer.N, and LayerNorm's gamma and beta
+        renames=(("encoder.layer.", "layers."), (".gamma", ".weight"), (".beta", ".bias")),
+        packed_modules={
+            "attention.self.query": ("attention.qkv_proj", "q"),
+            "attention.self.key": ("attention.qkv_proj", "k"),
+            "attention.self.value": ("attention.qkv_proj", "v"),
+            "attention.output.dense": ("attention.dense", None),
+            "attention.output.LayerNorm": ("attention.LayerNorm", None),
+            "intermediate.dense": ("intermediate", None),
+            "output.dense": ("output", None),
+            "output.LayerNorm": ("output_norm", None),
+        }),
+    default_pooling="cls",
+    flags=frozenset({"pooling"}),
+)

@@ -17,22 +17,23 @@ sequences' text vectors first, then one image vector per row of `batch.pixel_val
 `ClipProcessor` (rank 0) turns items into such batches.
 """
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from tp_embed.batch import Batch
-from tp_embed.config import ConfigError, ModelConfig, divide
-from tp_embed.engine import InputTooLongError
-from tp_embed.layers.attention import VarlenAttention
-from tp_embed.layers.linear import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                    VocabParallelEmbedding, replicated_weight_loader)
+from tp_embed.config import ConfigError, ModelConfig, divide, divisors, pad_vocab, tp_error
+from tp_embed.layers.attention import Attention, plan_attention
+from tp_embed.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from tp_embed.layers.norm import LayerNorm
-from tp_embed.models.bert import ReplicatedEmbedding
+from tp_embed.layers.replicated import ReplicatedEmbedding, ReplicatedLinear, replicated_parameter
+from tp_embed.models.spec import BatchRunner, CheckpointLayout, ModelSpec, ProcessorSetup
+from tp_embed.packing import pack
+from tp_embed.text import InputTooLongError
 
 # transformers keeps the pooling of checkpoints whose text config says eos_token_id == 2 (the original
 # OpenAI ones, from before huggingface/transformers#24773): the EOS is the largest id in their vocabulary.
@@ -62,23 +63,6 @@ class ClipTowerConfig:
             hidden_act=hf_tower.hidden_act)
 
 
-def replicated_parameter(*shape: int) -> nn.Parameter:
-    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    param.weight_loader = replicated_weight_loader
-    return param
-
-
-class ReplicatedLinear(nn.Module):
-    """Y = XA, A whole on every rank (the projections: small, and every rank needs all of Y)."""
-
-    def __init__(self, input_size: int, output_size: int):
-        super().__init__()
-        self.weight = replicated_parameter(output_size, input_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
 class ClipAttention(nn.Module):
     def __init__(self, cfg: ClipTowerConfig):
         super().__init__()
@@ -86,11 +70,11 @@ class ClipAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_heads, bias=True)
         self.out_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
         cfg = self.cfg
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).view(num_tokens, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
-        o = attn(q, k, v)  # [num_tokens, local_heads, head_dim]
+        o = attn.run(q, k, v)  # [num_tokens, local_heads, head_dim]
         return self.out_proj(o.reshape(num_tokens, cfg.num_local_heads * cfg.head_dim))
 
 
@@ -115,7 +99,7 @@ class ClipEncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = ClipMLP(cfg)
 
-    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), attn)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -125,7 +109,7 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, x: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, attn)
         return x
@@ -171,8 +155,8 @@ class ClipTextTransformer(nn.Module):
         """Packed token ids -> the EOS token's final hidden state per sequence, [num_seqs, hidden]."""
         cfg = self.cfg
         x = self.embeddings(batch)  # [num_tokens, hidden]
-        attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_heads,
-                               cfg.head_dim, True, x.dtype, attention_backend)
+        attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_heads,
+                              cfg.head_dim, True, x.dtype, attention_backend)
         x = self.encoder(x, attn)
         eos = eos_token_indices(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, self.eos_token_id)
         # layer norm is per token: normalizing only the pooled ones gives the same vectors
@@ -228,22 +212,13 @@ class ClipVisionTransformer(nn.Module):
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # [num_images * seq_len, hidden]
         # every image is one sequence of the same length
         cu_seqlens = torch.arange(num_images + 1, dtype=torch.int32, device=x.device) * seq_len
-        attn = VarlenAttention(cu_seqlens, seq_len, cfg.num_local_heads, cfg.num_local_heads, cfg.head_dim,
-                               False, x.dtype, attention_backend)
+        attn = plan_attention(cu_seqlens, seq_len, cfg.num_local_heads, cfg.num_local_heads, cfg.head_dim,
+                              False, x.dtype, attention_backend)
         x = self.encoder(x, attn)
         return self.post_layernorm(x[cu_seqlens[:-1].long()])
 
 
 class ClipModel(nn.Module):
-    pools_itself = True
-    packed_modules = {
-        "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
-        "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
-        "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
-    }
-    strip_prefixes = ()
-    ignored_prefixes = ("logit_scale",)  # the contrastive temperature: not part of either embedding
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hf = cfg.hf_config
@@ -324,17 +299,16 @@ class ClipProcessor:
         """Tokens an input takes in a batch: its text's, or the vision tower's 1 + (S/P)^2."""
         return len(p.input_ids) if p.input_ids is not None else self.tokens_per_image
 
-    def embed_prepared(self, engine, prepared: list["ClipInput"]) -> torch.Tensor:
+    def embed_prepared(self, runner: BatchRunner, prepared: list["ClipInput"]) -> torch.Tensor:
         """float32 [len(prepared), projection_dim] in order: a text's text vector, an image's image vector
         (unnormalized: the caller normalizes). Texts sorted by length (similar lengths share a batch),
-        then images, packed by the engine's budgets and max_batch_images."""
+        then images, packed by the runner's budgets and max_batch_images."""
         text_items = [i for i, p in enumerate(prepared) if p.input_ids is not None]
         image_items = [i for i, p in enumerate(prepared) if p.input_ids is None]
         order = sorted(text_items, key=lambda i: len(prepared[i].input_ids)) + image_items
-        out = torch.empty(len(prepared), engine.hidden_size, dtype=torch.float32)
-        for group in self.pack([self.cost(prepared[i]) for i in order],
-                               [prepared[i].input_ids is None for i in order],
-                               engine.max_batch_tokens, engine.max_batch_seqs):
+        out = torch.empty(len(prepared), runner.embedding_size, dtype=torch.float32)
+        for group in pack([self.cost(prepared[i]) for i in order], runner.max_batch_tokens, runner.max_batch_seqs,
+                          [prepared[i].input_ids is None for i in order], self.max_batch_images):
             group = [order[j] for j in group]
             texts = [i for i in group if prepared[i].input_ids is not None]
             images = [i for i in group if prepared[i].input_ids is None]
@@ -344,25 +318,8 @@ class ClipProcessor:
                 grid = torch.tensor([[1, self.grid, self.grid]] * len(images), dtype=torch.int32)
             batch = Batch.from_token_ids([prepared[i].input_ids for i in texts], pixel_values=pixels,
                                          image_grid_thw=grid)
-            out[texts + images] = engine.forward_batch(batch)  # the model returns texts first, then images
+            out[texts + images] = runner.forward_batch(batch)  # the model returns texts first, then images
         return out
-
-    def pack(self, costs: list[int], is_image: list[bool], max_batch_tokens: int,
-             max_batch_seqs: int) -> list[list[int]]:
-        """Group positions 0..n-1, in order, into batches of at most max_batch_tokens tokens,
-        max_batch_seqs inputs and max_batch_images images. An input over the budget gets a batch of its own."""
-        batches, current, num_tokens, num_images = [], [], 0, 0
-        for i, (cost, image) in enumerate(zip(costs, is_image)):
-            if current and (num_tokens + cost > max_batch_tokens or len(current) == max_batch_seqs
-                            or (image and num_images == self.max_batch_images)):
-                batches.append(current)
-                current, num_tokens, num_images = [], 0, 0
-            current.append(i)
-            num_tokens += cost
-            num_images += image
-        if current:
-            batches.append(current)
-        return batches
 
 
 def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -382,3 +339,45 @@ class ClipInput:
     """One prepared CLIP item: a text's token ids, or an image's preprocessed pixels."""
     input_ids: list[int] | None = None
     pixels: torch.Tensor | None = None  # float32 [3 * S * S]
+
+
+def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
+    """CLIPModel: tp must divide both towers' heads. The shape fields describe the text tower (what
+    tokenization and packing read: vocabulary, 77 positions); embedding_size is projection_dim, the size of
+    every output vector. The model reads each tower's shape from hf.text_config / hf.vision_config."""
+    text, vision = hf.text_config, hf.vision_config
+    text_heads, vision_heads = text.num_attention_heads, vision.num_attention_heads
+    if tp_size < 1 or text_heads % tp_size or vision_heads % tp_size:
+        raise tp_error(tp_size, f"does not divide the attention heads of {name} (text tower {text_heads}, "
+                                f"vision tower {vision_heads})", divisors(math.gcd(text_heads, vision_heads)))
+    return ModelConfig(
+        hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_heads=text_heads,
+        num_kv_heads=text_heads, head_dim=text.hidden_size // text_heads, intermediate_size=text.intermediate_size,
+        vocab_size=text.vocab_size, norm_eps=text.layer_norm_eps, max_position_embeddings=text.max_position_embeddings,
+        causal=True, hidden_act=text.hidden_act, gated_mlp=False, tp_size=tp_size,
+        num_local_heads=text_heads // tp_size, num_local_kv_heads=text_heads // tp_size,
+        vocab_size_padded=pad_vocab(text.vocab_size, tp_size), embedding_size=hf.projection_dim, hf_config=hf,
+        qkv_bias=True)
+
+
+def build_processor(setup: ProcessorSetup) -> ClipProcessor:
+    return ClipProcessor(setup.model_dir, setup.config)
+
+
+SPEC = ModelSpec(
+    name="CLIP",
+    architectures=("CLIPModel",),
+    build_config=build_config,
+    model_class=ClipModel,
+    checkpoint=CheckpointLayout(
+        ignored_prefixes=("logit_scale",),  # the contrastive temperature: not part of either embedding
+        packed_modules={
+            "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+            "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+            "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+        }),
+    default_pooling=None,  # each tower pools itself before its projection
+    processor=build_processor,
+    flag_notes={"pooling": "CLIP's towers pool themselves (the text tower at its end-of-text token, the vision "
+                           "tower at its class token) before their projections; leave --pooling out"},
+)

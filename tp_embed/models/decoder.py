@@ -7,12 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_embed.batch import Batch
-from tp_embed.config import ModelConfig
-from tp_embed.layers.attention import VarlenAttention
-from tp_embed.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                    VocabParallelEmbedding)
+from tp_embed.config import ModelConfig, check_tp_divides_heads, divisors, pad_vocab, tp_error
+from tp_embed.layers.attention import Attention, plan_attention
+from tp_embed.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from tp_embed.layers.norm import RMSNorm
 from tp_embed.layers.rotary import apply_rotary, mrope_section, rope_cos_sin, rope_inv_freq
+from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 
 class DecoderAttention(nn.Module):
@@ -26,7 +31,7 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         cfg = self.cfg
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -36,7 +41,7 @@ class DecoderAttention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = attn(q, k, v)  # [num_tokens, local_heads, head_dim]
+        o = attn.run(q, k, v)  # [num_tokens, local_heads, head_dim]
         return self.o_proj(o.reshape(num_tokens, cfg.q_size))
 
 
@@ -69,15 +74,6 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    # checkpoint name -> (parameter name, shard id) for the fused projections
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    }
-    # checkpoint prefixes to strip (`model.` from *ForCausalLM) and tensors no embedder needs
-    strip_prefixes = ("model.",)
-    ignored_prefixes = ("lm_head.",)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -99,9 +95,65 @@ class DecoderModel(nn.Module):
         """
         x = self.embed_tokens(batch.input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype, self.mrope_section)
-        attn = VarlenAttention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
-                               self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
-                               attention_backend)
+        attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
+                              self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
+                              attention_backend)
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+
+# checkpoint name -> (parameter name, shard id) for the fused projections
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+# model types whose q/k/v projections carry a bias without saying so in `attention_bias`, and those with
+# q/k RMSNorm
+QKV_BIAS_MODEL_TYPES = ("qwen2", "qwen2_vl")
+QK_NORM_MODEL_TYPES = ("qwen3",)
+
+
+def kv_head_tp_values(num_heads: int, num_kv_heads: int) -> list[int]:
+    """The tp values that split the query heads and either split the KV heads or replicate each over
+    tp / num_kv_heads ranks."""
+    return [d for d in divisors(num_heads)
+            if (d <= num_kv_heads and num_kv_heads % d == 0) or (d > num_kv_heads and d % num_kv_heads == 0)]
+
+
+def build_config(hf, raw: dict, tp_size: int, name: str, hf_config=None) -> ModelConfig:
+    """The decoder's ModelConfig from its transformers config `hf`; `hf_config` is the whole model's
+    config where the decoder is part of a larger one (Qwen2-VL's text_config), else `hf` itself."""
+    hf_config = hf if hf_config is None else hf_config
+    num_heads = hf.num_attention_heads
+    check_tp_divides_heads(tp_size, num_heads, name)
+    num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
+    if tp_size not in kv_head_tp_values(num_heads, num_kv_heads):
+        raise tp_error(tp_size, f"does not fit num_key_value_heads={num_kv_heads} of {name}",
+                       kv_head_tp_values(num_heads, num_kv_heads))
+    causal = raw.get("is_causal", getattr(hf, "is_causal", True))  # gte-Qwen2 says false
+    model_type = hf_config.model_type
+    return ModelConfig(
+        hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+        intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, norm_eps=hf.rms_norm_eps,
+        max_position_embeddings=hf.max_position_embeddings, causal=True if causal is None else bool(causal),
+        hidden_act=hf.hidden_act, gated_mlp=True, tp_size=tp_size, num_local_heads=num_heads // tp_size,
+        num_local_kv_heads=max(1, num_kv_heads // tp_size), vocab_size_padded=pad_vocab(hf.vocab_size, tp_size),
+        embedding_size=hf.hidden_size, hf_config=hf_config,
+        qkv_bias=bool(getattr(hf, "attention_bias", False)) or model_type in QKV_BIAS_MODEL_TYPES,
+        qk_norm=model_type in QK_NORM_MODEL_TYPES)
+
+
+SPEC = ModelSpec(
+    name="decoder (Llama, Mistral, Qwen2, Qwen3)",
+    architectures=("MistralModel", "MistralForCausalLM", "LlamaModel", "LlamaForCausalLM",
+                   "Qwen2Model", "Qwen2ForCausalLM", "Qwen3Model", "Qwen3ForCausalLM"),
+    build_config=build_config,
+    model_class=DecoderModel,
+    # `model.` from *ForCausalLM; no embedder needs the LM head
+    checkpoint=CheckpointLayout(strip_prefixes=("model.",), ignored_prefixes=("lm_head.",),
+                                packed_modules=PACKED_MODULES),
+    default_pooling="last",
+    flags=frozenset({"pooling"}),
+)

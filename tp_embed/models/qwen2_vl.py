@@ -20,14 +20,15 @@ from torch import nn
 from transformers import Qwen2VLImageProcessorPil  # numpy/PIL: needs no torchvision
 
 from tp_embed.batch import Batch
-from tp_embed.config import ConfigError, ModelConfig
-from tp_embed.distributed import tp_size
-from tp_embed.layers.attention import VarlenAttention
-from tp_embed.layers.linear import (ColumnParallelLinear, RowParallelLinear, loaded_shape, read_rows,
-                                    replicated_weight_loader)
+from tp_embed.config import ConfigError, ModelConfig, tp_error
+from tp_embed.layers.attention import Attention, plan_attention
+from tp_embed.layers.linear import ColumnParallelLinear, RowParallelLinear, StackedQKVParallelLinear
 from tp_embed.layers.norm import LayerNorm
 from tp_embed.layers.rotary import apply_rotary
+from tp_embed.layers.weights import replicated_weight_loader
+from tp_embed.models import decoder
 from tp_embed.models.decoder import DecoderModel
+from tp_embed.models.spec import BatchRunner, CheckpointLayout, ModelSpec, ProcessorSetup
 
 GME_TEMPLATE = "gme-qwen2-vl"
 DEFAULT_INSTRUCTION = "You are a helpful assistant."
@@ -63,20 +64,6 @@ class VisionConfig:
             merge_size=vc.spatial_merge_size, out_hidden=vc.hidden_size, rope_theta=rope.get("rope_theta", 10000.0))
 
 
-class StackedQKVParallelLinear(ColumnParallelLinear):
-    """[q | k | v] = x [W_q; W_k; W_v]^T + b, loaded from ONE checkpoint tensor that stacks W_q, W_k and W_v
-    by rows (the vision tower's `attn.qkv`). Rank i holds heads [i*h/p, (i+1)*h/p) of each, laid out
-    [q_i | k_i | v_i]."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__(hidden_size, 3 * hidden_size, bias=True)
-
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        local, full = param.shape[0] // 3, loaded_shape(loaded)[0] // 3
-        for i in range(3):
-            param.data[i * local:(i + 1) * local].copy_(read_rows(loaded, i * full + self.tp_rank * local, local))
-
-
 class PatchEmbed(nn.Module):
     """Conv3d with kernel = stride = (temporal_patch, patch, patch) sees each patch row exactly once, so it
     is a matmul: y = x W^T with W the conv weight flattened to [embed_dim, C*T*P*P] (the processor
@@ -101,12 +88,12 @@ class VisionAttention(nn.Module):
         self.qkv = StackedQKVParallelLinear(vc.embed_dim)
         self.proj = RowParallelLinear(vc.embed_dim, vc.embed_dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: VarlenAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         n = x.shape[0]
         # [num_patches, local_heads, head_dim] each
         q, k, v = self.qkv(x).view(n, 3, self.vc.num_local_heads, self.vc.head_dim).unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(attn(q, k, v).reshape(n, -1))
+        return self.proj(attn.run(q, k, v).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -189,8 +176,8 @@ class Qwen2VisionTransformer(nn.Module):
         # full attention inside each frame of each image, never across images
         seqlens = [h * w for t, h, w in grid for _ in range(t)]
         cu_seqlens = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)
-        attn = VarlenAttention(cu_seqlens, max(seqlens), self.vc.num_local_heads, self.vc.num_local_heads,
-                               self.vc.head_dim, False, x.dtype, attention_backend)
+        attn = plan_attention(cu_seqlens, max(seqlens), self.vc.num_local_heads, self.vc.num_local_heads,
+                              self.vc.head_dim, False, x.dtype, attention_backend)
         for block in self.blocks:
             x = block(x, cos, sin, attn)
         return self.merger(x)
@@ -199,14 +186,10 @@ class Qwen2VisionTransformer(nn.Module):
 class Qwen2VLModel(DecoderModel):
     """Qwen2-VL: the Qwen2 decoder (DecoderModel as is, M-RoPE from the config's mrope_section) and
     `visual`, the vision tower, whose tokens replace the image-pad token embeddings."""
-    # older checkpoints: visual.* and model.*; transformers 5 module paths: model.visual.* and
-    # model.language_model.*. Either way the decoder's weights land on DecoderModel's names.
-    strip_prefixes = ("model.language_model.", "model.")
-    ignored_prefixes = ("lm_head.",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.visual = Qwen2VisionTransformer(VisionConfig.from_hf(cfg.hf_config.vision_config, tp_size()))
+        self.visual = Qwen2VisionTransformer(VisionConfig.from_hf(cfg.hf_config.vision_config, cfg.tp_size))
         self.image_token_id = cfg.hf_config.image_token_id
 
     def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
@@ -266,25 +249,25 @@ class GmeProcessor:
     """Rank 0: Items -> rendered prompts, token ids, image patches and M-RoPE positions -> packed Batches
     -> one last-token vector per item (normalization is the caller's, as for text)."""
 
-    def __init__(self, engine):
-        args = engine.args
-        if args.chat_template not in (None, GME_TEMPLATE):
-            raise ConfigError(f"--chat-template {args.chat_template!r} is not a Qwen2-VL template; "
+    def __init__(self, setup: ProcessorSetup):
+        options = setup.options
+        if options.chat_template not in (None, GME_TEMPLATE):
+            raise ConfigError(f"--chat-template {options.chat_template!r} is not a Qwen2-VL template; "
                               f"use {GME_TEMPLATE} (GME) or leave it out")
-        self.chat_template = args.chat_template
-        self.tokenizer = engine.text.tokenizer
-        hf = engine.config.hf_config
+        self.chat_template = options.chat_template
+        self.tokenizer = setup.text.tokenizer
+        hf = setup.config.hf_config
         self.image_token_id = hf.image_token_id
         pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         if pad_id != self.image_token_id:
-            raise ConfigError(f"{engine.model_name}: the tokenizer's {IMAGE_PAD} is id {pad_id}, but config.json "
+            raise ConfigError(f"{setup.model_name}: the tokenizer's {IMAGE_PAD} is id {pad_id}, but config.json "
                               f"says image_token_id={self.image_token_id}")
         vc = hf.vision_config
         self.merge_size = vc.spatial_merge_size
         # smart resize to multiples of patch*merge (28) within [min, max] pixels, bicubic, rescale,
         # CLIP mean/std, patch rows in merge-window order
         self.image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=args.min_pixels, max_pixels=args.max_pixels, patch_size=vc.patch_size,
+            min_pixels=options.min_pixels, max_pixels=options.max_pixels, patch_size=vc.patch_size,
             temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
 
     def prepare(self, item, tokenizer=None) -> PreparedItem:
@@ -335,7 +318,33 @@ class GmeProcessor:
     def cost(p: PreparedItem) -> int:
         return len(p.input_ids)
 
-    def embed_prepared(self, engine, prepared: list[PreparedItem]) -> torch.Tensor:
+    def embed_prepared(self, runner: BatchRunner, prepared: list[PreparedItem]) -> torch.Tensor:
         """float32 [len(prepared), hidden], pooled as the engine pools (last token), not normalized."""
-        return engine.embed_by_length(list(map(self.cost, prepared)),
-                                      lambda idx, _: engine.forward_batch(self.make_batch([prepared[i] for i in idx])))
+        return runner.embed_by_length(list(map(self.cost, prepared)),
+                                      lambda idx, _: runner.forward_batch(self.make_batch([prepared[i] for i in idx])))
+
+
+def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
+    """The Qwen2 decoder's config (transformers keeps it in text_config, and moves a flat, pre-v5
+    config.json's keys there too); tp must also divide the vision tower's heads."""
+    config = decoder.build_config(hf.get_text_config(), raw, tp_size, name, hf_config=hf)
+    vision_heads = hf.vision_config.num_heads
+    if vision_heads % tp_size:
+        valid = [d for d in decoder.kv_head_tp_values(config.num_heads, config.num_kv_heads) if vision_heads % d == 0]
+        raise tp_error(tp_size, f"does not divide the vision tower's num_heads={vision_heads} of {name}", valid)
+    return config
+
+
+SPEC = ModelSpec(
+    name="Qwen2-VL (GME)",
+    architectures=("Qwen2VLForConditionalGeneration",),
+    build_config=build_config,
+    model_class=Qwen2VLModel,
+    # older checkpoints: visual.* and model.*; transformers 5 module paths: model.visual.* and
+    # model.language_model.*. Either way the decoder's weights land on DecoderModel's names.
+    checkpoint=CheckpointLayout(strip_prefixes=("model.language_model.", "model."), ignored_prefixes=("lm_head.",),
+                                packed_modules=decoder.PACKED_MODULES),
+    default_pooling="last",
+    processor=GmeProcessor,
+    flags=frozenset({"pooling", "chat_template"}),
+)
