@@ -626,11 +626,14 @@ def plot_points(points: list[dict], path: str, title: str = "") -> None:
         series.setdefault((p["inputs_per_request"], p["request_rate"]), []).append(p)
     several_rates = len({rate for _, rate in series}) > 1
     fig, (ax_throughput, ax_latency) = plt.subplots(1, 2, figsize=(11, 4.5))
+
+    def nan_if_none(v):
+        return math.nan if v is None else v
+
     for (ipr, rate), group in sorted(series.items()):
         group.sort(key=lambda p: p["concurrency"])
         x = [p["concurrency"] for p in group]
         name = f"{ipr} inputs/req" + (f", {rate:g} req/s" if several_rates else "")
-        nan_if_none = lambda v: math.nan if v is None else v
         ax_throughput.plot(x, [nan_if_none(p["inputs_per_s"]) for p in group], marker="o", label=name)
         ax_latency.plot(x, [nan_if_none(p["latency_p99_ms"]) for p in group], marker="o", label=name)
     concurrencies = sorted({p["concurrency"] for p in points})
@@ -694,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--model", help="model name sent in each request; default: first id of GET /v1/models")
     server.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     server.add_argument("--label", default="", help="free text naming the software under test, stored in the JSON")
-    server.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds (default: %(default)s)")
+    server.add_argument("--timeout", type=float, default=60.0,
+                        help="per-request timeout, seconds (default: %(default)s)")
 
     data = parser.add_argument_group("inputs")
     data.add_argument("--dataset", help="file with one text per line, or .jsonl with a 'text' field; "
@@ -707,9 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"number of synthetic texts (default {DEFAULT_NUM_SYNTHETIC_TEXTS}) or images "
                            f"(default {DEFAULT_NUM_SYNTHETIC_IMAGES}); with --dataset or an --images DIR, "
                            "use only the first N")
-    data.add_argument("--synthetic-min-words", type=int, default=8, help="shortest synthetic text, words (default: %(default)s)")
-    data.add_argument("--synthetic-max-words", type=int, default=128, help="longest synthetic text, words (default: %(default)s)")
-    data.add_argument("--seed", type=int, default=0, help="seed for synthetic texts and images and Poisson arrivals (default: %(default)s)")
+    data.add_argument("--synthetic-min-words", type=int, default=8,
+                      help="shortest synthetic text, words (default: %(default)s)")
+    data.add_argument("--synthetic-max-words", type=int, default=128,
+                      help="longest synthetic text, words (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=0,
+                      help="seed for synthetic texts and images and Poisson arrivals (default: %(default)s)")
 
     load = parser.add_argument_group("load (list flags sweep: every combination is one point)")
     load.add_argument("--inputs-per-request", type=positive_int_list, default="1",
@@ -724,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop = load.add_mutually_exclusive_group()
     stop.add_argument("--num-requests", type=int, help=f"timed requests per point (default {DEFAULT_NUM_REQUESTS})")
     stop.add_argument("--duration", type=float, help="seconds of sending per point, instead of --num-requests")
-    load.add_argument("--warmup-requests", type=int, default=10, help="untimed requests before each point (default: %(default)s)")
+    load.add_argument("--warmup-requests", type=int, default=10,
+                      help="untimed requests before each point (default: %(default)s)")
 
     request = parser.add_argument_group("request body")
     request.add_argument("--encoding-format", choices=["float", "base64"], default="float",

@@ -1,4 +1,5 @@
-"""Start the real server (launch.py under torchrun, or another launcher) for a test, and clean up after it whatever happens.
+"""Start the real server (launch.py under torchrun, or another launcher) for a test, and clean up after it
+whatever happens.
 
     with ServerProcess(["--model-path", d, "--tp", "2"], nproc=2, log_path=p) as server:
         httpx.post(server.url + "/v1/embeddings", json={"input": "hi"})
@@ -149,5 +150,6 @@ def response_vectors(body: dict) -> np.ndarray:
     for d in data:
         assert d["object"] == "embedding"
         e = d["embedding"]
-        rows.append(np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str) else np.asarray(e, np.float32))
+        rows.append(np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str)
+                    else np.asarray(e, np.float32))
     return np.stack(rows)

@@ -109,6 +109,7 @@ def test_synthetic_texts_deterministic_and_within_bounds():
 def test_synthetic_texts_tokenize_like_prose():
     # the real model's WordPiece tokenizer: about 1.15 tokens a word, as the docstring says
     from transformers import AutoTokenizer
+
     from tp_embed.model_path import default_model_dir
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     texts = bs.synthetic_texts(300, 5, 200, seed=0)

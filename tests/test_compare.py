@@ -141,7 +141,8 @@ def test_ratio_rows():
 
 
 def test_format_table_aligns_columns_and_marks_missing_values():
-    m = compare.medians([run("ours", 32, 8, 1234.56, 7.25, mismatches=0), run("vllm", 32, 8, 617.28, 14.5, mismatches=1),
+    m = compare.medians([run("ours", 32, 8, 1234.56, 7.25, mismatches=0),
+                         run("vllm", 32, 8, 617.28, 14.5, mismatches=1),
                          run("ours", 1, 1, 10.0, 1.0), run("st", 1, 1, None, None, errors=2)])
     rows = compare.ratio_rows(m, [(1, 1), (32, 8)], ["vllm", "st"])
     lines = compare.format_table(rows).splitlines()
@@ -170,7 +171,8 @@ def test_format_markdown():
     assert len(table) == 3 and {line.count("|") for line in table} == {len(compare.RATIO_COLUMNS) + 1}
     assert table[2] == "| 32 | 8 | vllm | 1000.0 | 500.0 | 2.00 | 8.0 | 16.0 | 0.50 | 0 | - |"
     assert "- `ours`: tp-embed 0.1.0, torch 2.13.0" in lines
-    assert "- `infinity`: did not run: exited with code 1 while starting; end of x.log: ... ImportError: no torch" in lines
+    assert ("- `infinity`: did not run: exited with code 1 while starting; end of x.log: ... ImportError: no torch"
+            in lines)
 
 
 # ---------------------------------------------------------------------------

@@ -5,10 +5,10 @@ content types and API keys.
 
 Every case must get a response (no connection error), never a 5xx; every error has OpenAI's shape
 {"error": {"message", "type", "param", "code"}}; every 200 has one vector per input, of the asked
-dimensions, finite and unit-length (unless `normalize` is false). Where the answer is predictable (a field of the wrong type, a bad
-`dimensions`, a token id out of range, a text over the context length counted by the model's own
-tokenizer) the status and the error's `param` are checked too. Afterwards the server must still answer a
-good request like sentence-transformers does.
+dimensions, finite and unit-length (unless `normalize` is false). Where the answer is predictable (a
+field of the wrong type, a bad `dimensions`, a token id out of range, a text over the context length
+counted by the model's own tokenizer) the status and the error's `param` are checked too. Afterwards
+the server must still answer a good request like sentence-transformers does.
 
 The seed is fixed (derandomize), so a failure reproduces; hypothesis prints the shrunk body.
 """
@@ -359,7 +359,8 @@ def test_content_types_and_api_keys(client):
                              "Bearer", "", f"Bearer {API_KEY}x", f"Bearer {API_KEY[:-1]}", API_KEY, None])
             | printable.map(str.strip) | printable.map(lambda t: ("Bearer " + t).strip()))
     bodies = st.sampled_from([(encode({"input": "hello"}), 200), (encode({"input": ["a", "b"]}, "utf-16"), 200),
-                              (b"input=hello", 400), (b"--x\r\ncontent-disposition: form-data\r\n\r\nhi\r\n--x--", 400)])
+                              (b"input=hello", 400),
+                              (b"--x\r\ncontent-disposition: form-data\r\n\r\nhi\r\n--x--", 400)])
 
     calls = []
 

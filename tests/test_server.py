@@ -3,9 +3,7 @@ checked against sentence-transformers and the offline engine, through the offici
 raw httpx."""
 
 import asyncio
-import base64
 import json
-import os
 import random
 import time
 
@@ -15,7 +13,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from server_utils import ServerProcess, cosine_rows, l2_normalize, response_vectors
+from server_utils import ServerProcess, cosine_rows, response_vectors
 from tiny_models import MIXED_TEXTS, st_encode, transformers_embeddings
 
 API_KEY = "sk-test-0123456789"
@@ -127,7 +125,8 @@ def test_token_id_inputs_equal_text_inputs(tiny):
 def test_extensions_prompt_name_normalize_truncate(tiny):
     texts = MIXED_TEXTS[:5]
     r = tiny.post("/v1/embeddings", {"input": texts, "prompt_name": "query"})
-    assert cosine_rows(response_vectors(r.json()), st_encode(tiny.model_dir, texts, prompt_name="query")).min() >= 0.99999
+    expected = st_encode(tiny.model_dir, texts, prompt_name="query")
+    assert cosine_rows(response_vectors(r.json()), expected).min() >= 0.99999
     r = tiny.post("/v1/embeddings", {"input": texts, "normalize": False, "encoding_format": "float"})
     raw = response_vectors(r.json())
     expected_raw = transformers_embeddings(tiny.model_dir, texts, normalize=False)
@@ -138,7 +137,8 @@ def test_extensions_prompt_name_normalize_truncate(tiny):
     assert r.status_code == 200, r.text
     expected = st_encode(tiny.model_dir, [long_text, "short"])  # sentence-transformers truncates at 256
     assert cosine_rows(response_vectors(r.json()), expected).min() >= 0.99999
-    assert r.json()["usage"]["prompt_tokens"] == 256 + len(AutoTokenizer.from_pretrained(tiny.model_dir)("short")["input_ids"])
+    short_tokens = len(AutoTokenizer.from_pretrained(tiny.model_dir)("short")["input_ids"])
+    assert r.json()["usage"]["prompt_tokens"] == 256 + short_tokens
 
 
 LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 60
@@ -271,7 +271,8 @@ def test_concurrent_clients_get_every_response_in_order(tiny):
     # short texts: the CPU attention pads every batch to its longest input
     texts = [f"{t} #{i}" for i in range(5) for t in MIXED_TEXTS if len(t) < 80]
     expected = st_encode(tiny.model_dir, texts)
-    batched_before = tiny.metric("tp_embed_batch_requests_count") - tiny.metric("tp_embed_batch_requests_bucket", 'le="1.0"')
+    batched_before = (tiny.metric("tp_embed_batch_requests_count")
+                      - tiny.metric("tp_embed_batch_requests_bucket", 'le="1.0"'))
 
     async def client(c: httpx.AsyncClient, seed: int) -> int:
         rng = random.Random(seed)

@@ -8,7 +8,6 @@ afterwards. GME: text, image and fused items with the gme-qwen2-vl template and 
 
 import base64
 import io
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,8 +35,8 @@ def clip_server(tmp_path_factory):
     images = tiny_clip.make_images()
     for name, image in images.items():
         image.save(media / f"{name}.png")
-    args = ["--model-path", model, "--tp", "2", "--allowed-local-media-path", str(media), "--max-image-pixels", "100000",
-            "--max-request-images", "4"]
+    args = ["--model-path", model, "--tp", "2", "--allowed-local-media-path", str(media),
+            "--max-image-pixels", "100000", "--max-request-images", "4"]
     with ServerProcess(args, nproc=2, log_path=root / "server.log") as server:
         yield server, model, media, images
 
@@ -96,7 +95,8 @@ def test_more_images_than_allowed_is_refused_before_any_is_fetched(clip_server):
     items = [{"image": data_uri(images["square"])}] * 4 + [{"text": "a"}, {"image": "http://127.0.0.1:1/x.png"}]
     r = server.post("/v1/embeddings", json={"input": items})
     assert r.status_code == 400, r.text
-    assert "input has 5 images; at most 4 are allowed per request (--max-request-images)" in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert "input has 5 images; at most 4 are allowed per request (--max-request-images)" in message
     r = server.post("/v1/embeddings", json={"input": items[:4] + [{"text": "a"}]})
     assert r.status_code == 200 and len(r.json()["data"]) == 5
 

@@ -18,6 +18,7 @@ def test_every_flag_has_help_text():
 def test_version_flag(module):
     import subprocess
     import sys
+
     from tp_embed import __version__
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, f"tp-embed {__version__}\n"), done.stderr

@@ -7,8 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from tp_embed.openai_protocol import (APIError, EmbeddingRequest, check_token_ids, parse_input, parse_json_body,
-                                      render_embeddings)
+from tp_embed.openai_protocol import (
+    APIError,
+    EmbeddingRequest,
+    check_token_ids,
+    parse_input,
+    parse_json_body,
+    render_embeddings,
+)
 
 
 def test_the_four_input_shapes():

@@ -7,8 +7,8 @@ import threading
 import time
 
 import httpx
-import pytest
 import numpy as np
+import pytest
 
 from server_utils import ServerProcess, response_vectors
 from tiny_models import MIXED_TEXTS

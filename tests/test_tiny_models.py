@@ -80,7 +80,8 @@ def test_decoder_tokenizer_appends_eos(models, name):
 
 def test_bert_tokenizer(models):
     tok = _tokenizer(models["bert"])
-    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [0, 1, 2, 3, 4]
+    special_ids = [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
+    assert special_ids == [0, 1, 2, 3, 4]
     enc = tok("naïve café", "Paris")
     assert enc["input_ids"][0] == 2 and enc["input_ids"][-1] == 3 and enc["input_ids"].count(3) == 2
     assert set(enc["token_type_ids"]) == {0, 1}
@@ -203,8 +204,8 @@ def test_legacy_config(tmp_path, models):
     raw = _json(path, "config.json")
     assert raw["rope_theta"] == 10000.0 and "rope_parameters" not in raw and raw["torch_dtype"] == "float32"
     assert AutoConfig.from_pretrained(path).rope_parameters["rope_theta"] == 10000.0
-    np.testing.assert_allclose(tm.st_encode(path, tm.MIXED_TEXTS[:4]), tm.st_encode(models["mistral"], tm.MIXED_TEXTS[:4]),
-                               atol=1e-6)
+    np.testing.assert_allclose(tm.st_encode(path, tm.MIXED_TEXTS[:4]),
+                               tm.st_encode(models["mistral"], tm.MIXED_TEXTS[:4]), atol=1e-6)
 
 
 def test_pooling_and_normalize_variants(tmp_path):

@@ -72,6 +72,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -209,9 +210,7 @@ def _wrap(tok, model_max_length: int, padding_side: str, **special):
     return hf
 
 
-def _word_counts(normalizer, pre_tokenizer) -> "Counter[str]":
-    from collections import Counter
-
+def _word_counts(normalizer, pre_tokenizer) -> Counter[str]:
     counts: Counter[str] = Counter()
     for line in _training_corpus():
         text = normalizer.normalize_str(line) if normalizer is not None else line
