@@ -128,9 +128,9 @@ def build_config(hf, raw: dict, tp_size: int, name: str, hf_config=None) -> Mode
     num_heads = hf.num_attention_heads
     check_tp_divides_heads(tp_size, num_heads, name)
     num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
-    if tp_size not in kv_head_tp_values(num_heads, num_kv_heads):
-        raise tp_error(tp_size, f"does not fit num_key_value_heads={num_kv_heads} of {name}",
-                       kv_head_tp_values(num_heads, num_kv_heads))
+    valid = kv_head_tp_values(num_heads, num_kv_heads)
+    if tp_size not in valid:
+        raise tp_error(tp_size, f"does not fit num_key_value_heads={num_kv_heads} of {name}", valid)
     causal = raw.get("is_causal", getattr(hf, "is_causal", True))  # gte-Qwen2 says false
     model_type = hf_config.model_type
     return ModelConfig(
