@@ -22,6 +22,7 @@ class FakeEngine:
         self.gate.set()
         self.entered = threading.Event()
         self.batches: list[list[list[int]]] = []
+        self.type_starts: list[list[int] | None] = []
         self.item_calls: list[list[list[int]]] = []
         self.heartbeats = 0
         self.stopped = False
@@ -29,10 +30,11 @@ class FakeEngine:
     def groups(self):
         return [self]
 
-    def forward_pooled(self, sequences):
+    def forward_pooled(self, sequences, type_starts=None):
         self.entered.set()
         assert self.gate.wait(10)
         self.batches.append([list(s) for s in sequences])
+        self.type_starts.append(type_starts)
         if self.fail:
             raise RuntimeError("Connection reset by peer")
         return torch.tensor([[len(s), s[0]] for s in sequences], dtype=torch.float32)
@@ -106,6 +108,25 @@ def test_jobs_share_batches_and_a_large_job_is_split_and_reassembled_in_order():
     for b in batches:
         assert len(b) <= 3 and sum(map(len, b)) <= 10
     assert h.scheduler.queued_tokens == 0 and h.scheduler.num_active == 0
+    h.close()
+
+
+def test_pair_jobs_carry_their_segment_starts_through_split_batches():
+    """A cross-encoder's pairs (Job.type_starts) share batches with single texts, whose one segment is
+    their whole length; a pair job split over two batches keeps each slice's starts."""
+    h = Harness()
+    h.hold()
+    single = h.submit([[1, 1]])
+    pairs = Job([[5, 5, 5], [6, 6], [7, 7, 7, 7], [8, 8]], type_starts=[1, 2, 3, 1])
+    h.scheduler.submit(pairs)
+    h.engine.gate.set()
+    done = h.results(3)
+    assert single in done and pairs in done
+    torch.testing.assert_close(pairs.outputs, expected_rows(pairs.sequences))
+    batches, starts = h.engine.batches[1:], h.engine.type_starts[1:]
+    assert batches[0] == [[1, 1], [5, 5, 5], [6, 6]] and starts[0] == [2, 1, 2]
+    assert [s for b in batches[1:] for s in b] == [[7, 7, 7, 7], [8, 8]]
+    assert [t for b in starts[1:] for t in b] == [3, 1]
     h.close()
 
 
@@ -256,8 +277,8 @@ class TwoGroupEngine(FakeEngine):
             self.other = TwoGroupEngine(self.finish_together)
         return [self, self.other]
 
-    def forward_pooled(self, sequences):
-        rows = super().forward_pooled(sequences)
+    def forward_pooled(self, sequences, type_starts=None):
+        rows = super().forward_pooled(sequences, type_starts)
         try:
             self.finish_together.wait(2)
         except threading.BrokenBarrierError:

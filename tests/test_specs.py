@@ -20,7 +20,6 @@ def test_spec_is_well_formed(spec):
     assert spec.architectures and spec.name
     assert spec.default_pooling in POOLING_MODES or spec.default_pooling is None
     assert spec.flags <= set(FAMILY_FLAGS) and set(spec.flag_notes) <= set(FAMILY_FLAGS)
-    assert spec.tasks == {"embed"}
     assert callable(spec.build_config) and isinstance(spec.model_class, type)
 
 

@@ -128,6 +128,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                    help="threads that parse and tokenize requests and fetch, decode and preprocess their images, "
                         "each with its own tokenizer copy (default: min(4, CPU cores))")
+    g.add_argument("--max-rerank-documents", type=int, default=1000, metavar="N",
+                   help="most documents in one rerank request (default 1,000, as Cohere advises); more is a 400")
     g.add_argument("--access-log", action="store_true",
                    help="log every HTTP request (off by default: it costs latency)")
     g = p.add_argument_group("media (image inputs: data URIs, base64, URLs, local files)")
@@ -189,7 +191,7 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         p.error(f"--min-pixels {args.min_pixels} and --max-pixels {args.max_pixels}: need "
                 f"1 <= min-pixels <= max-pixels")
     for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers", "max_image_pixels",
-                 "max_image_bytes", "max_request_images"):
+                 "max_image_bytes", "max_request_images", "max_rerank_documents"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -15,6 +15,9 @@ class Batch:
     # Qwen2-VL: one row per patch), image_grid_thw int32 [num_images, 3] gives each image's patch grid
     pixel_values: torch.Tensor | None = None  # float [rows, row_len]
     image_grid_thw: torch.Tensor | None = None
+    # cross-encoders' segments: int32 [num_tokens], 0 for the query's tokens and 1 for the document's;
+    # None means every token is segment 0
+    token_type_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -31,9 +34,11 @@ class Batch:
     @staticmethod
     def from_token_ids(sequences: list[list[int]], device: torch.device | str = "cpu",
                        pixel_values: torch.Tensor | None = None,
-                       image_grid_thw: torch.Tensor | None = None) -> "Batch":
+                       image_grid_thw: torch.Tensor | None = None,
+                       type_starts: list[int] | None = None) -> "Batch":
         """Pack token-id lists end to end; positions restart at 0 in each sequence. A batch may hold
-        images and no sequences (an image-only request to CLIP)."""
+        images and no sequences (an image-only request to CLIP). `type_starts[i]` is the position where
+        sequence i's second segment begins (its length when it has one segment)."""
         lens = [len(s) for s in sequences]
         if (not sequences and pixel_values is None) or (lens and min(lens) == 0):
             raise ValueError("a batch needs at least one sequence or image, and no empty sequence")
@@ -44,11 +49,17 @@ class Batch:
             cu_seqlens[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
         positions = (torch.arange(len(flat), dtype=torch.int32)
                      - torch.repeat_interleave(cu_seqlens[:-1], torch.tensor(lens, dtype=torch.long)))
+        token_types = None
+        if type_starts is not None:
+            starts = torch.repeat_interleave(torch.tensor(type_starts, dtype=torch.int32),
+                                             torch.tensor(lens, dtype=torch.long))
+            token_types = (positions >= starts).to(torch.int32)
         batch = Batch(input_ids, positions, cu_seqlens, max(lens, default=0), pixel_values,
-                      None if image_grid_thw is None else image_grid_thw.to(torch.int32))
+                      None if image_grid_thw is None else image_grid_thw.to(torch.int32), token_types)
         return batch.to(device)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(self.input_ids.to(device), self.positions.to(device), self.cu_seqlens.to(device),
-                     self.max_seqlen, move(self.pixel_values), move(self.image_grid_thw))
+                     self.max_seqlen, move(self.pixel_values), move(self.image_grid_thw),
+                     move(self.token_type_ids))

@@ -72,6 +72,32 @@ class SentenceTransformersConfig:
             prompts=dict(st_cfg.get("prompts") or {}), default_prompt_name=st_cfg.get("default_prompt_name"))
 
 
+# what a served model can be asked to do; which of them a model serves follows from its head (ModelConfig.tasks)
+TASKS = ("embed", "score", "rerank", "classify")
+HEAD_ACTIVATIONS = ("sigmoid", "softmax", "identity")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A model that scores or classifies rather than embeds: its forward returns one row of logits per
+    input, `len(labels)` wide. `activation` turns logits into scores (one label) or probabilities.
+
+    token_ids: the rows of the LM head that make the logits (vLLM's `classifier_from_token`: a causal LM
+        used as a reranker reads only these rows); with two tokens the one logit is their difference, so
+        that sigmoid(logit) = softmax([logit(t0), logit(t1)])[1] (Qwen3-Reranker's "no", "yes").
+    pair_template: the prompt a (query, document) pair is rendered into (tp_embed/pairs.py), or None for a
+        cross-encoder's tokenizer pair encoding ([CLS] query [SEP] document [SEP] with token types).
+    """
+    labels: tuple[str, ...]
+    activation: str
+    token_ids: tuple[int, ...] = ()
+    pair_template: str | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Model shape and the sizes each tensor-parallel rank holds, computed once by the family's spec
@@ -93,12 +119,22 @@ class ModelConfig:
     num_local_heads: int
     num_local_kv_heads: int
     vocab_size_padded: int
-    embedding_size: int  # size of the vectors the model returns (hidden_size, or CLIP's projection_dim)
+    # size of the rows the model returns: hidden_size, CLIP's projection_dim, or a head's num_labels
+    embedding_size: int
     hf_config: object = field(repr=False, compare=False)  # rope parameters, Matryoshka keys, towers
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
     type_vocab_size: int = 0  # encoders' token-type embeddings
     position_offset: int = 0  # XLM-RoBERTa's positions start after padding_idx
+    head: HeadConfig | None = None  # a cross-encoder or classifier (embedding_size is then num_labels)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the model serves: an embedder embeds, and scores and reranks by the cosine of its vectors;
+        a one-label head scores, reranks and classifies; a head of more labels classifies."""
+        if self.head is None:
+            return ("embed", "score", "rerank")
+        return ("score", "rerank", "classify") if self.head.num_labels == 1 else ("classify",)
 
     @property
     def q_size(self) -> int:

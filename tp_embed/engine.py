@@ -149,9 +149,15 @@ class Engine:
         """Size of the vectors this engine returns (before Matryoshka truncation)."""
         return self.config.embedding_size
 
-    def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Rank 0: one packed batch of token sequences -> pooled float32 [n, hidden] on CPU."""
-        return self.forward_batch(Batch.from_token_ids(sequences))
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What this model serves: embed, score, rerank, classify (ModelConfig.tasks)."""
+        return self.config.tasks
+
+    def forward_pooled(self, sequences: list[list[int]], type_starts: list[int] | None = None) -> torch.Tensor:
+        """Rank 0: one packed batch of token sequences -> pooled float32 [n, hidden] on CPU (a head's
+        logits [n, num_labels]); `type_starts` gives each pair's second segment (Batch.from_token_ids)."""
+        return self.forward_batch(Batch.from_token_ids(sequences, type_starts=type_starts))
 
     @torch.inference_mode()
     def forward_batch(self, batch: Batch) -> torch.Tensor:
@@ -169,16 +175,18 @@ class Engine:
         return pool(out, batch.cu_seqlens, self.pooling).cpu()
 
     def embed(self, sequences: list[list[int]], lanes: list | None = None,
-              show_progress: bool = False) -> torch.Tensor:
-        """Rank 0: pooled float32 [n, hidden] for any number of sequences, in their order.
+              show_progress: bool = False, type_starts: list[int] | None = None) -> torch.Tensor:
+        """Rank 0: pooled float32 [n, hidden] (or a head's logits) for any number of sequences, in their order.
 
         Sorting by length before packing keeps batches of similar lengths together (less attention
         padding on the SDPA path); results are put back in input order. `lanes` (`groups()`, with data
         parallelism) compute batches at once; the default is this engine's group alone.
         """
-        return self.embed_by_length([len(s) for s in sequences],
-                                    lambda idx, lane: lane.forward_pooled([sequences[i] for i in idx]),
-                                    lanes, show_progress)
+        def run_batch(idx: list[int], lane) -> torch.Tensor:
+            starts = None if type_starts is None else [type_starts[i] for i in idx]
+            return lane.forward_pooled([sequences[i] for i in idx], starts)
+
+        return self.embed_by_length([len(s) for s in sequences], run_batch, lanes, show_progress)
 
     def embed_by_length(self, lengths: list[int], run_batch, lanes: list | None = None,
                         show_progress: bool = False) -> torch.Tensor:
@@ -298,8 +306,8 @@ class RemoteGroup:
         self.leader = dp_rank * engine.dist.tp_size
         self.max_batch_tokens, self.max_batch_seqs = engine.max_batch_tokens, engine.max_batch_seqs
 
-    def forward_pooled(self, sequences: list[list[int]]) -> torch.Tensor:
-        send_batch(Batch.from_token_ids(sequences), self.group, 0)
+    def forward_pooled(self, sequences: list[list[int]], type_starts: list[int] | None = None) -> torch.Tensor:
+        send_batch(Batch.from_token_ids(sequences, type_starts=type_starts), self.group, 0)
         return recv_pooled(len(sequences), self.engine.embedding_size, self.group, self.leader)
 
     def heartbeat(self) -> None:

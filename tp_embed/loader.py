@@ -71,6 +71,13 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
             for name in params:
                 if f".{param_part}." in f".{name}":
                     expected[name] = expected[name] - {None} | {shard_id}
+    # a parameter with `tied_to` (a causal LM's head tied to its embedding table) loads from its source's
+    # tensor unless the checkpoint has a tensor of its own, which wins whichever comes first
+    tied = defaultdict(list)
+    for name, param in params.items():
+        if getattr(param, "tied_to", None):
+            tied[param.tied_to].append(name)
+    own = set()
     loaded = defaultdict(set)
     stats = {"bytes_read": 0, "largest_read_fraction": {}}
     files = checkpoint_files(model_dir)
@@ -94,6 +101,11 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
                     else:
                         param.weight_loader(param, view, shard_id)
                     loaded[name].add(shard_id)
+                    own.add(name)
+                    for other in tied.get(name, ()):
+                        if other not in own:
+                            params[other].weight_loader(params[other], _CountingSlice(f.get_slice(key), stats, other))
+                            loaded[other].add(None)
             bar.update(1)
     missing = [name + ("" if shards == {None} else f" (shards {sorted(map(str, shards - loaded[name]))})")
                for name, shards in expected.items() if shards - loaded[name]]

@@ -2,8 +2,9 @@
 images one float32 pixel tensor.
 
     header  = [cmd, num_tokens T, num_seqs B, max_seqlen, position_rows P, num_images I,
-               pixel_rows R, pixel_row_len C]                                         int64 [8]
-    payload = input_ids [T] | positions [P*T] | cu_seqlens [B+1] | image_grid_thw [I*3]  int32
+               pixel_rows R, pixel_row_len C, type_rows S]                            int64 [9]
+    payload = input_ids [T] | positions [P*T] | cu_seqlens [B+1] | image_grid_thw [I*3]
+              | token_type_ids [S*T]                                                  int32
     pixels  = pixel_values [R, C]                                 float32, only when R > 0
 
 No pickling: all are plain tensors broadcast over the tensor-parallel group. With --dp > 1, global
@@ -19,7 +20,7 @@ import torch
 from tp_embed.batch import Batch
 from tp_embed.distributed import broadcast, comm_device
 
-HEADER_SIZE = 8
+HEADER_SIZE = 9
 
 
 class Cmd(IntEnum):
@@ -38,12 +39,16 @@ def send_command(cmd: Cmd, group=None, src: int | None = None) -> None:
 def send_batch(batch: Batch, group=None, src: int | None = None) -> None:
     position_rows = 1 if batch.positions.dim() == 1 else batch.positions.shape[0]
     pixel_rows, pixel_row_len = (0, 0) if batch.pixel_values is None else batch.pixel_values.shape
+    type_rows = int(batch.token_type_ids is not None)
     header = torch.tensor([Cmd.FORWARD, batch.num_tokens, batch.num_seqs, batch.max_seqlen, position_rows,
-                           batch.num_images, pixel_rows, pixel_row_len], dtype=torch.int64, device=comm_device())
+                           batch.num_images, pixel_rows, pixel_row_len, type_rows],
+                          dtype=torch.int64, device=comm_device())
     broadcast(header, src, group)
     parts = [batch.input_ids, batch.positions.reshape(-1), batch.cu_seqlens]
     if batch.num_images:
         parts.append(batch.image_grid_thw.reshape(-1))
+    if type_rows:
+        parts.append(batch.token_type_ids)
     broadcast(torch.cat([p.to(torch.int32) for p in parts]).to(comm_device()), src, group)
     if pixel_rows:
         broadcast(batch.pixel_values.to(comm_device(), torch.float32).contiguous(), src, group)
@@ -56,10 +61,10 @@ def recv(group=None, src: int | None = None) -> tuple[Cmd, Batch | None]:
     cmd = Cmd(header[0])
     if cmd != Cmd.FORWARD:
         return cmd, None
-    num_tokens, num_seqs, max_seqlen, position_rows, num_images, pixel_rows, pixel_row_len = header[1:]
-    sizes = [num_tokens, position_rows * num_tokens, num_seqs + 1, 3 * num_images]
+    num_tokens, num_seqs, max_seqlen, position_rows, num_images, pixel_rows, pixel_row_len, type_rows = header[1:]
+    sizes = [num_tokens, position_rows * num_tokens, num_seqs + 1, 3 * num_images, type_rows * num_tokens]
     payload = broadcast(torch.empty(sum(sizes), dtype=torch.int32, device=comm_device()), src, group)
-    input_ids, positions, cu_seqlens, grid = payload.split(sizes)
+    input_ids, positions, cu_seqlens, grid, token_types = payload.split(sizes)
     if position_rows > 1:
         positions = positions.view(position_rows, num_tokens)
     pixels = None
@@ -67,7 +72,7 @@ def recv(group=None, src: int | None = None) -> tuple[Cmd, Batch | None]:
         pixels = broadcast(torch.empty(pixel_rows, pixel_row_len, dtype=torch.float32, device=comm_device()),
                            src, group)
     return cmd, Batch(input_ids, positions, cu_seqlens, max_seqlen, pixels,
-                      grid.view(num_images, 3) if num_images else None)
+                      grid.view(num_images, 3) if num_images else None, token_types if type_rows else None)
 
 
 def send_pooled(pooled: torch.Tensor, group, src: int) -> None:

@@ -51,15 +51,17 @@ class Job:
     """
 
     __slots__ = ("sequences", "num_tokens", "next_seq", "num_done", "outputs", "error", "cancelled",
-                 "released", "future", "items")
+                 "released", "future", "items", "type_starts")
 
     def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None,
-                 items: list | None = None):
+                 items: list | None = None, type_starts: list[int] | None = None):
         # a multimodal job carries its items prepared by the model's processor (engine.prepare_items)
         # instead of token sequences, and num_tokens their cost; group 0's engine thread embeds waiting
         # item jobs together with engine.embed_prepared (the processor packs the batches)
         self.items = items
         self.sequences = sequences
+        # a cross-encoder's pairs: where each sequence's second segment starts (Batch.from_token_ids)
+        self.type_starts = type_starts
         self.num_tokens = num_tokens if num_tokens is not None else sum(map(len, sequences))
         self.next_seq = 0  # first sequence not yet put into a batch
         self.num_done = 0
@@ -212,7 +214,7 @@ class Scheduler:
             sequences = [s for job, start, end in batch for s in job.sequences[start:end]]
             num_tokens = sum(map(len, sequences))
             t0 = time.perf_counter()
-            pooled = engine.forward_pooled(sequences)
+            pooled = engine.forward_pooled(sequences, self._type_starts(batch))
             seconds = time.perf_counter() - t0
             last_collective = time.monotonic()
             rate = num_tokens / max(seconds, 1e-6)
@@ -238,6 +240,15 @@ class Scheduler:
                 finished = self._finish_locked(finished)
             if finished:
                 self.deliver(finished)
+
+    @staticmethod
+    def _type_starts(batch: list[tuple[Job, int, int]]) -> list[int] | None:
+        """The batch's segment starts when a job in it has pairs (a single text is one segment)."""
+        if all(job.type_starts is None for job, _, _ in batch):
+            return None
+        return [t for job, start, end in batch
+                for t in (job.type_starts[start:end] if job.type_starts is not None
+                          else map(len, job.sequences[start:end]))]
 
     def _take_item_jobs(self, max_tokens: int) -> list[Job]:
         """Whole multimodal jobs from the head of their queue while their prepared inputs cost at most

@@ -50,11 +50,13 @@ from tp_embed.openai_protocol import (
 )
 from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
+from tp_embed.scoring import ScoringModel, check_task, prepare_classify, prepare_rerank, prepare_score
 from tp_embed.text import InputTooLongError
 
 logger = logging.getLogger("tp_embed")
 
-ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/metrics", "/tokenize")
+ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/metrics", "/tokenize", "/v1/rerank", "/rerank", "/v2/rerank",
+          "/v1/score", "/score", "/v1/classify", "/classify")
 # responses with more floats than this are serialized in the pool instead of on the event loop (~1 ms)
 INLINE_RENDER_FLOATS = 16384
 
@@ -95,6 +97,8 @@ class EmbeddingServer:
         engine.warmup()
         engine.forward_pooled([[0] * 4])  # the single-sequence attention path too
         self.served_model_name = self.args.served_model_name or engine.model_name
+        self.scoring = ScoringModel(self.served_model_name, engine.tasks, engine.config.head,
+                                    self.args.max_rerank_documents, self.args.allow_auto_truncate)
         self.scheduler.max_queued_tokens = self.args.max_queued_tokens or 64 * engine.max_batch_tokens
         if engine.device.type == "cuda":
             self.metrics.watch_gpus(min(engine.dist.tp_size, torch.cuda.device_count()))
@@ -233,6 +237,7 @@ class EmbeddingServer:
         t0 = time.perf_counter()
         req = parse_json_body(body, EmbeddingRequest)
         self.check_model(req.model)
+        check_task(self.scoring, "embed")
         check_encoding_format(req.encoding_format)
         engine = self.engine
         try:
@@ -339,18 +344,8 @@ class EmbeddingServer:
 
     # ---- routes ----
 
-    async def create_embeddings(self, request: Request):
-        start = time.perf_counter()
-        self.authorize(request)
-        self.check_ready()
-        loop = self.loop
-        deadline = loop.time() + self.args.request_timeout
-        body = await self.read_body(request)
-        prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
-        if prepared.items is not None:
-            job = Job([], prepared.num_tokens, loop.create_future(), prepared.items)
-        else:
-            job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
+    async def run_job(self, job: Job, request: Request, deadline: float) -> bool:
+        """Admit the job, wait for it and raise its error as the API's; False when the client went away."""
         try:
             self.scheduler.submit(job)
         except QueueFullError as e:
@@ -365,7 +360,7 @@ class EmbeddingServer:
         try:
             await self.wait_for(job, request, deadline)
         except ClientDisconnected:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            return False
         if isinstance(job.error, ValueError):  # a bad item, found by the model's processor
             code = "context_length_exceeded" if isinstance(job.error, InputTooLongError) else None
             raise APIError(400, str(job.error), param="input", code=code)
@@ -373,6 +368,22 @@ class EmbeddingServer:
             code = "engine_failed" if isinstance(job.error, EngineDeadError) else "server_not_ready"
             raise APIError(503, str(job.error), code=code)
         self.metrics.queue_latency.observe(time.perf_counter() - queued)
+        return True
+
+    async def create_embeddings(self, request: Request):
+        start = time.perf_counter()
+        self.authorize(request)
+        self.check_ready()
+        loop = self.loop
+        deadline = loop.time() + self.args.request_timeout
+        body = await self.read_body(request)
+        prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
+        if prepared.items is not None:
+            job = Job([], prepared.num_tokens, loop.create_future(), prepared.items)
+        else:
+            job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
+        if not await self.run_job(job, request, deadline):
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         outputs = job.outputs
         if prepared.order is not None:
             outputs = torch.empty_like(outputs)
@@ -387,6 +398,36 @@ class EmbeddingServer:
         self.metrics.prompt_tokens.inc(prepared.num_tokens)
         self.metrics.request_latency.observe(time.perf_counter() - start)
         return Response(content, media_type="application/json")
+
+    async def run_task(self, request: Request, prepare) -> Response:
+        """Rerank, score and classify: prepare(body, scoring model, text, check_model) in the tokenizer pool
+        gives the sequences and the function that turns their rows into the response."""
+        start = time.perf_counter()
+        self.authorize(request)
+        self.check_ready()
+        deadline = self.loop.time() + self.args.request_timeout
+        body = await self.read_body(request)
+        t0 = time.perf_counter()
+        task = await self.loop.run_in_executor(
+            self.pool, lambda: prepare(body, self.scoring, self._local.text, self.check_model))
+        self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
+        job = Job(task.sequences, task.num_tokens, self.loop.create_future(), type_starts=task.type_starts)
+        if not await self.run_job(job, request, deadline):
+            return Response(status_code=499)
+        content = task.finish(job.outputs)
+        self.metrics.inputs.inc(len(task.sequences))
+        self.metrics.prompt_tokens.inc(task.num_tokens)
+        self.metrics.request_latency.observe(time.perf_counter() - start)
+        return json_response(content)
+
+    async def rerank(self, request: Request):
+        return await self.run_task(request, prepare_rerank)
+
+    async def score(self, request: Request):
+        return await self.run_task(request, prepare_score)
+
+    async def classify(self, request: Request):
+        return await self.run_task(request, prepare_classify)
 
     def prepare_tokenize(self, body: bytes) -> dict:
         req = parse_json_body(body, TokenizeRequest)
@@ -411,7 +452,8 @@ class EmbeddingServer:
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "tp-embed",
-                "root": self.engine.model_name, "max_model_len": self.engine.text.max_length}
+                "root": self.engine.model_name, "max_model_len": self.engine.text.max_length,
+                "tasks": list(self.engine.tasks)}
 
     async def list_models(self, request: Request):
         self.authorize(request)
@@ -489,6 +531,10 @@ def build_app(server: EmbeddingServer) -> FastAPI:
     app.add_api_route("/v1/embeddings", server.create_embeddings, methods=["POST"])
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", server.retrieve_model, methods=["GET"])
+    for path, route in (("/v1/rerank", server.rerank), ("/rerank", server.rerank), ("/v2/rerank", server.rerank),
+                        ("/v1/score", server.score), ("/score", server.score),
+                        ("/v1/classify", server.classify), ("/classify", server.classify)):
+        app.add_api_route(path, route, methods=["POST"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])

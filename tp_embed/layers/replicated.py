@@ -23,11 +23,12 @@ class ReplicatedEmbedding(nn.Embedding):
 
 
 class ReplicatedLinear(nn.Module):
-    """Y = XA, A whole on every rank (output projections: small, and every rank needs all of Y)."""
+    """Y = XA + b, A whole on every rank (output projections and heads: small, and every rank needs all of Y)."""
 
-    def __init__(self, input_size: int, output_size: int):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
         self.weight = replicated_parameter(output_size, input_size)
+        self.bias = replicated_parameter(output_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)

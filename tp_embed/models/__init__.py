@@ -14,7 +14,8 @@ from tp_embed.errors import ConfigError
 from tp_embed.models import bert, clip, decoder, qwen2_vl
 from tp_embed.models.spec import FAMILY_FLAGS, ModelSpec
 
-SPECS = (decoder.SPEC, bert.SPEC, qwen2_vl.SPEC, clip.SPEC)
+SPECS = (decoder.SPEC, bert.SPEC, qwen2_vl.SPEC, clip.SPEC, decoder.CLASSIFIER_SPEC, bert.BERT_CLASSIFIER_SPEC,
+         bert.XLMR_CLASSIFIER_SPEC)
 ARCHITECTURES = {arch: spec for spec in SPECS for arch in spec.architectures}
 
 
@@ -30,7 +31,7 @@ def load_config(model_path: str, tp_size: int = 1, trust_remote_code: bool = Fal
         raise ConfigError(f"{name}: unsupported architecture {archs or '(none in config.json)'}; "
                           f"supported: {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
-    return spec, spec.build_config(hf, raw, tp_size, name)
+    return spec, spec.build_config(hf, raw, tp_size, name, model_path)
 
 
 def check_family_flags(spec: ModelSpec, options: EngineConfig, model_name: str) -> None:

@@ -2,7 +2,11 @@
 
 Post-LayerNorm blocks: x = LN(x + attn(x)); x = LN(x + W2 act(W1 x)). Attention is bidirectional.
 XLM-RoBERTa differs only in where positions start (after its padding index) and its vocabulary.
+Their *ForSequenceClassification checkpoints (cross-encoders such as ms-marco-MiniLM and the bge-rerankers,
+and classifiers) add a head on the first token: CLASSIFIER_SPEC.
 """
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -21,7 +25,8 @@ from tp_embed.layers.linear import (
     pad_rows,
 )
 from tp_embed.layers.norm import LayerNorm
-from tp_embed.layers.replicated import ReplicatedEmbedding
+from tp_embed.layers.replicated import ReplicatedEmbedding, ReplicatedLinear
+from tp_embed.models.heads import DenseTanh, classifier_head
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 
@@ -37,8 +42,10 @@ class BertEmbeddings(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.word_embeddings(batch.input_ids)
         x = x + self.position_embeddings(batch.positions + self.position_offset)
-        # single-segment inputs: every token has token type 0
-        x = x + self.token_type_embeddings.weight[0]
+        if batch.token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]  # single-segment inputs: every token has type 0
+        else:
+            x = x + self.token_type_embeddings(batch.token_type_ids)  # cross-encoders' (query, document) pairs
         return self.LayerNorm(x)
 
 
@@ -96,7 +103,24 @@ class BertModel(nn.Module):
         return x[:num_tokens]
 
 
-def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
+class BertClassifier(BertModel):
+    """BertForSequenceClassification and XLMRobertaForSequenceClassification (cross-encoders and
+    classifiers): the encoder, then on each sequence's first token tanh(dense) and a linear layer to the
+    labels. BERT calls the first its pooler and the second its classifier; RoBERTa calls them
+    classifier.dense and classifier.out_proj. Returns logits float32 [num_seqs, num_labels]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.head_dense = DenseTanh(cfg.hidden_size)
+        self.head_out = ReplicatedLinear(cfg.hidden_size, cfg.head.num_labels, bias=True)
+
+    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
+        hidden = super().forward(batch, attention_backend)
+        first = hidden[batch.cu_seqlens[:-1].long()]
+        return self.head_out(self.head_dense(first)).float()
+
+
+def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
     num_heads = hf.num_attention_heads
     check_tp_divides_heads(tp_size, num_heads, name)
     return ModelConfig(
@@ -110,6 +134,25 @@ def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
         position_offset=hf.pad_token_id + 1 if hf.model_type == "xlm-roberta" else 0)
 
 
+def build_classifier_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
+    head = classifier_head(hf, raw, name)
+    return replace(build_config(hf, raw, tp_size, name), head=head, embedding_size=head.num_labels)
+
+
+# old BERT checkpoints: encoder.layer.N, and LayerNorm's gamma and beta
+ENCODER_RENAMES = (("encoder.layer.", "layers."), (".gamma", ".weight"), (".beta", ".bias"))
+ENCODER_PACKED_MODULES = {
+    "attention.self.query": ("attention.qkv_proj", "q"),
+    "attention.self.key": ("attention.qkv_proj", "k"),
+    "attention.self.value": ("attention.qkv_proj", "v"),
+    "attention.output.dense": ("attention.dense", None),
+    "attention.output.LayerNorm": ("attention.LayerNorm", None),
+    "intermediate.dense": ("intermediate", None),
+    "output.dense": ("output", None),
+    "output.LayerNorm": ("output_norm", None),
+}
+
+
 SPEC = ModelSpec(
     name="BERT / XLM-RoBERTa encoder",
     architectures=("BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM"),
@@ -118,18 +161,29 @@ SPEC = ModelSpec(
     checkpoint=CheckpointLayout(
         strip_prefixes=("bert.", "roberta.", "model."),
         ignored_prefixes=("pooler.", "cls.", "lm_head.", "embeddings.position_ids"),
-        # old BERT checkpoints: encoder.layer.N, and LayerNorm's gamma and beta
-        renames=(("encoder.layer.", "layers."), (".gamma", ".weight"), (".beta", ".bias")),
-        packed_modules={
-            "attention.self.query": ("attention.qkv_proj", "q"),
-            "attention.self.key": ("attention.qkv_proj", "k"),
-            "attention.self.value": ("attention.qkv_proj", "v"),
-            "attention.output.dense": ("attention.dense", None),
-            "attention.output.LayerNorm": ("attention.LayerNorm", None),
-            "intermediate.dense": ("intermediate", None),
-            "output.dense": ("output", None),
-            "output.LayerNorm": ("output_norm", None),
-        }),
+        renames=ENCODER_RENAMES, packed_modules=ENCODER_PACKED_MODULES),
     default_pooling="cls",
     flags=frozenset({"pooling"}),
 )
+
+def classifier_spec(name: str, architecture: str, head_renames: tuple, ignored: tuple = ()) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        architectures=(architecture,),
+        build_config=build_classifier_config,
+        model_class=BertClassifier,
+        checkpoint=CheckpointLayout(strip_prefixes=("bert.", "roberta."),
+                                    ignored_prefixes=("embeddings.position_ids",) + ignored,
+                                    renames=ENCODER_RENAMES + head_renames, packed_modules=ENCODER_PACKED_MODULES),
+        default_pooling=None,  # the head reads the first token itself
+    )
+
+
+# BERT's head is its pooler and a classifier; RoBERTa's is classifier.dense and classifier.out_proj (and a
+# pooler, where a checkpoint has one, is unused)
+BERT_CLASSIFIER_SPEC = classifier_spec(
+    "BERT cross-encoder or classifier", "BertForSequenceClassification",
+    (("pooler.dense.", "head_dense.dense."), ("classifier.", "head_out.")))
+XLMR_CLASSIFIER_SPEC = classifier_spec(
+    "XLM-RoBERTa cross-encoder or classifier", "XLMRobertaForSequenceClassification",
+    (("classifier.dense.", "head_dense.dense."), ("classifier.out_proj.", "head_out.")), ignored=("pooler.",))

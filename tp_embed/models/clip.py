@@ -341,7 +341,7 @@ class ClipInput:
     pixels: torch.Tensor | None = None  # float32 [3 * S * S]
 
 
-def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
+def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
     """CLIPModel: tp must divide both towers' heads. The shape fields describe the text tower (what
     tokenization and packing read: vocabulary, 77 positions); embedding_size is projection_dim, the size of
     every output vector. The model reads each tower's shape from hf.text_config / hf.vision_config."""

@@ -1,6 +1,9 @@
 """One decoder for Llama/Mistral, Qwen2 and Qwen3 embedding models; their differences are config:
 qkv bias (Qwen2), q/k RMSNorm and a free head_dim (Qwen3), causal or bidirectional attention
-(gte-Qwen2 sets `is_causal: false`). No lm_head is built: embedders read the last hidden state."""
+(gte-Qwen2 sets `is_causal: false`). No lm_head is built: embedders read the last hidden state, and
+rerankers (CLASSIFIER_SPEC) read the rows of it they need."""
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from torch import nn
 
 from tp_embed.batch import Batch
 from tp_embed.config import ModelConfig, check_tp_divides_heads, divisors, pad_vocab, tp_error
+from tp_embed.errors import ConfigError
 from tp_embed.layers.attention import Attention, plan_attention
 from tp_embed.layers.linear import (
     MergedColumnParallelLinear,
@@ -16,7 +20,9 @@ from tp_embed.layers.linear import (
     VocabParallelEmbedding,
 )
 from tp_embed.layers.norm import RMSNorm
+from tp_embed.layers.replicated import ReplicatedLinear
 from tp_embed.layers.rotary import apply_rotary, mrope_section, rope_cos_sin, rope_inv_freq
+from tp_embed.models.heads import classifier_head, token_rows_loader
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 
@@ -103,6 +109,30 @@ class DecoderModel(nn.Module):
         return self.norm(x)
 
 
+class DecoderClassifier(DecoderModel):
+    """A decoder that scores: *ForSequenceClassification (its `score` matrix on the last token), or a causal
+    LM read as a reranker (vLLM's `classifier_from_token`: only the LM head's rows of those tokens are
+    loaded, e.g. Qwen3-Reranker's "no" and "yes"). Returns logits float32 [num_seqs, num_labels]; with two
+    tokens, the one logit logit(t1) - logit(t0), whose sigmoid is their two-way softmax."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        head = cfg.head
+        self.score = ReplicatedLinear(cfg.hidden_size, len(head.token_ids) or head.num_labels)
+        if head.token_ids:
+            self.score.weight.weight_loader = token_rows_loader(head.token_ids)
+            if getattr(cfg.hf_config, "tie_word_embeddings", False):
+                self.score.weight.tied_to = "embed_tokens.weight"  # the LM head is the embedding table
+
+    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
+        hidden = super().forward(batch, attention_backend)
+        last = hidden[batch.cu_seqlens[1:].long() - 1].float()
+        logits = F.linear(last, self.score.weight.float())
+        if len(self.cfg.head.token_ids) == 2:
+            logits = logits[:, 1:] - logits[:, :1]
+        return logits
+
+
 # checkpoint name -> (parameter name, shard id) for the fused projections
 PACKED_MODULES = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -121,7 +151,7 @@ def kv_head_tp_values(num_heads: int, num_kv_heads: int) -> list[int]:
             if (d <= num_kv_heads and num_kv_heads % d == 0) or (d > num_kv_heads and d % num_kv_heads == 0)]
 
 
-def build_config(hf, raw: dict, tp_size: int, name: str, hf_config=None) -> ModelConfig:
+def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "", hf_config=None) -> ModelConfig:
     """The decoder's ModelConfig from its transformers config `hf`; `hf_config` is the whole model's
     config where the decoder is part of a larger one (Qwen2-VL's text_config), else `hf` itself."""
     hf_config = hf if hf_config is None else hf_config
@@ -145,6 +175,33 @@ def build_config(hf, raw: dict, tp_size: int, name: str, hf_config=None) -> Mode
         qk_norm=model_type in QK_NORM_MODEL_TYPES)
 
 
+def token_ids(model_dir: str, tokens: tuple[str, ...], name: str) -> tuple[int, ...]:
+    """The vocabulary ids of `tokens` by the model's own tokenizer (each must be one token)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ConfigError(f"{name}: classifier_from_token names {token!r}, which is not one token of its "
+                              f"tokenizer")
+        ids.append(token_id)
+    return tuple(ids)
+
+
+def build_classifier_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
+    """A decoder with a head: `classifier_from_token` (a causal LM checkpoint) or a `score` matrix of
+    num_labels rows; `is_original_qwen3_reranker` renders pairs into Qwen3-Reranker's prompt."""
+    tokens = tuple(raw.get("classifier_from_token") or ())
+    template = "qwen3-reranker" if raw.get("is_original_qwen3_reranker") else None
+    if template and len(tokens) != 2:
+        raise ConfigError(f"{name}: is_original_qwen3_reranker needs classifier_from_token [\"no\", \"yes\"]")
+    ids = token_ids(model_dir, tokens, name) if tokens else ()
+    head = classifier_head(hf, raw, name, ids, tokens, template)
+    return replace(build_config(hf, raw, tp_size, name), head=head, embedding_size=head.num_labels)
+
+
 SPEC = ModelSpec(
     name="decoder (Llama, Mistral, Qwen2, Qwen3)",
     architectures=("MistralModel", "MistralForCausalLM", "LlamaModel", "LlamaForCausalLM",
@@ -156,4 +213,16 @@ SPEC = ModelSpec(
                                 packed_modules=PACKED_MODULES),
     default_pooling="last",
     flags=frozenset({"pooling"}),
+)
+
+CLASSIFIER_SPEC = ModelSpec(
+    name="decoder reranker or classifier (Qwen3-Reranker, *ForSequenceClassification)",
+    architectures=("Qwen3ForSequenceClassification", "Qwen2ForSequenceClassification",
+                   "LlamaForSequenceClassification", "MistralForSequenceClassification"),
+    build_config=build_classifier_config,
+    model_class=DecoderClassifier,
+    # a causal LM read as a classifier keeps the rows it needs of lm_head as `score`
+    checkpoint=CheckpointLayout(strip_prefixes=("model.",), renames=(("lm_head.", "score."),),
+                                packed_modules=PACKED_MODULES),
+    default_pooling=None,  # the head reads the last token itself
 )

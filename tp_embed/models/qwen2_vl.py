@@ -324,7 +324,7 @@ class GmeProcessor:
                                       lambda idx, _: runner.forward_batch(self.make_batch([prepared[i] for i in idx])))
 
 
-def build_config(hf, raw: dict, tp_size: int, name: str) -> ModelConfig:
+def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
     """The Qwen2 decoder's config (transformers keeps it in text_config, and moves a flat, pre-v5
     config.json's keys there too); tp must also divide the vision tower's heads."""
     config = decoder.build_config(hf.get_text_config(), raw, tp_size, name, hf_config=hf)

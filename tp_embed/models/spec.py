@@ -3,7 +3,7 @@ multimodal processor sees.
 
 Every family module under `tp_embed/models/` ends in one `SPEC = ModelSpec(...)`; `tp_embed/models/__init__.py`
 maps architecture names to specs with a plain dict. Nothing outside `models/` names a family: the engine
-asks the spec (its config builder, model class, checkpoint layout, default pooling, processor, flags, tasks).
+asks the spec (its config builder, model class, checkpoint layout, default pooling, processor, flags).
 """
 
 from dataclasses import dataclass, field
@@ -92,8 +92,9 @@ class ProcessorSetup:
 class ModelSpec:
     """One model family.
 
-    build_config(hf, raw, tp_size, name) -> ModelConfig: hf is transformers' config, raw config.json's
-        dict (overrides applied to both); raises ConfigError for a tp that does not fit.
+    build_config(hf, raw, tp_size, name, model_dir) -> ModelConfig: hf is transformers' config, raw
+        config.json's dict (overrides applied to both); raises ConfigError for a tp that does not fit. The
+        config's `head` (None for an embedder) says what the model serves (ModelConfig.tasks).
     model_class(config): the nn.Module; forward(batch, attention_backend) returns hidden states
         [num_tokens, hidden], or one vector per input when default_pooling is None (the model pools itself).
     flags: the FAMILY_FLAGS it takes; flag_notes: why a flag it does not take does not apply, where
@@ -108,4 +109,3 @@ class ModelSpec:
     processor: Callable[[ProcessorSetup], Processor] | None = None
     flags: frozenset[str] = frozenset()
     flag_notes: dict = field(default_factory=dict)
-    tasks: frozenset[str] = frozenset({"embed"})
