@@ -1,11 +1,29 @@
-"""Load generator for any OpenAI-compatible ``POST /v1/embeddings`` server.
+"""Load generator for any OpenAI-compatible ``POST /v1/embeddings`` server, or
+any server with a ``POST /v1/rerank`` route (``--mode rerank``).
 
 Works against tp-embed and against peers (vLLM, Infinity, TEI): it only speaks
-the OpenAI embeddings wire format. For every point of a sweep over
+the OpenAI embeddings wire format, or the rerank format that tp-embed, vLLM,
+Jina and Infinity share. For every point of a sweep over
 inputs-per-request x concurrency x request-rate it reports requests/s,
 inputs/s, tokens/s (from ``usage.prompt_tokens``), latency percentiles, errors
 by HTTP status / exception type and, with ``--check``, vectors whose cosine
 similarity to a reference falls below a threshold.
+
+Rerank mode (``--mode rerank``): each request is one query and N documents,
+N from ``--inputs-per-request``:
+``{"model", "query", "documents": [...], "return_documents": false, "top_n"?}``
+sent to ``--rerank-path`` (default /v1/rerank; vLLM also serves /rerank,
+Cohere's API is /v2/rerank). Queries are short synthetic texts (or
+``--queries FILE``), request n taking query n modulo their number; documents
+come from the same pool as embed mode's texts (``--dataset`` or synthetic).
+inputs/s counts documents, tokens/s comes from ``usage.total_tokens`` (or
+``usage.prompt_tokens`` when only that is given; still stored in the
+``prompt_tokens`` field of a point). A response counts as an error
+("bad_response:REASON") unless ``results`` has N entries (or top_n), every
+``index`` is in range and unique, every ``relevance_score`` is finite and the
+scores come sorted highest first (and, with ``--return-documents``, each
+result's document is the one sent). ``--check``, ``--images``,
+``--encoding-format`` and ``--dimensions`` are embed-only.
 
 Usage examples::
 
@@ -31,6 +49,12 @@ Usage examples::
     # from the files of a directory or synthetic 640x480 JPEGs.
     python benchmarks/bench_serving.py --images photos/ --concurrency 1,8
     python benchmarks/bench_serving.py --images synthetic:640x480 --num-texts 64
+
+    # Rerank: one query and 10 or 100 documents per request at 1 and 8
+    # concurrent workers, against vLLM's /rerank (or tp-embed's /v1/rerank).
+    python benchmarks/bench_serving.py --mode rerank --base-url http://127.0.0.1:8001 \\
+        --rerank-path /rerank --inputs-per-request 10,100 --concurrency 1,8 \\
+        --queries queries.txt --dataset passages.txt --output-json results/rerank.json
 
 The machine description in the JSON result is that of the machine running this
 script; run it on the server machine (loopback) when the two must match.
@@ -62,7 +86,11 @@ import numpy as np
 from tqdm import tqdm
 
 EMBEDDINGS_PATH = "/v1/embeddings"
+RERANK_PATH = "/v1/rerank"
+MODES = ("embed", "rerank")
 DEFAULT_NUM_REQUESTS = 200
+DEFAULT_NUM_SYNTHETIC_QUERIES = 100
+SYNTHETIC_QUERY_WORDS = (3, 12)  # rerank queries: shorter than the documents, as search queries are
 DEFAULT_NUM_SYNTHETIC_TEXTS = 1000
 DEFAULT_NUM_SYNTHETIC_IMAGES = 64
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -152,6 +180,14 @@ def load_dataset(path: str) -> list[str]:
     if not texts:
         raise ValueError(f"{path}: no texts")
     return texts
+
+
+def load_queries(path: str | None, seed: int = 0) -> list[str]:
+    """Rerank queries: the texts of a file (as load_dataset reads it), or DEFAULT_NUM_SYNTHETIC_QUERIES
+    synthetic ones of 3 to 12 words, drawn with another seed than the documents (seed + 1)."""
+    if path:
+        return load_dataset(path)
+    return synthetic_texts(DEFAULT_NUM_SYNTHETIC_QUERIES, *SYNTHETIC_QUERY_WORDS, seed=seed + 1)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -270,6 +306,50 @@ def decode_response(payload: dict, num_inputs: int) -> np.ndarray:
     return ordered
 
 
+def expected_rerank_results(num_documents: int, top_n=None) -> int:
+    """How many results a rerank response must hold: all documents, or top_n of them when top_n is a
+    positive integer (vLLM reads top_n <= 0 as all)."""
+    if isinstance(top_n, int) and not isinstance(top_n, bool) and top_n > 0:
+        return min(top_n, num_documents)
+    return num_documents
+
+
+def decode_rerank_response(payload: dict, documents: list[str], top_n=None,
+                           return_documents: bool = False) -> list[tuple[int, float]]:
+    """Rerank response -> [(document index, relevance score)], as the server ordered them.
+
+    BadResponse unless `results` holds one entry per document (top_n of them when asked), every index
+    is an integer in range and unique, every score is a finite number, the scores are sorted highest
+    first, and (with return_documents) each result's document, {"text": ...} or a bare string, is the
+    document sent at its index.
+    """
+    try:
+        results = payload["results"]
+        if not isinstance(results, list):
+            raise TypeError("results is not a list")
+        pairs = [(item["index"], item["relevance_score"]) for item in results]
+    except (KeyError, TypeError) as exc:
+        raise BadResponse("format") from exc
+    if len(pairs) != expected_rerank_results(len(documents), top_n):
+        raise BadResponse("count")
+    indices = [index for index, _ in pairs]
+    if (not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(documents) for i in indices)
+            or len(set(indices)) != len(indices)):
+        raise BadResponse("index")
+    scores = [score for _, score in pairs]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores):
+        raise BadResponse("score")
+    if any(a < b for a, b in zip(scores, scores[1:])):
+        raise BadResponse("order")
+    if return_documents:
+        for item in results:
+            document = item.get("document")
+            text = document.get("text") if isinstance(document, dict) else document
+            if text != documents[item["index"]]:
+                raise BadResponse("document")
+    return [(int(i), float(v)) for i, v in pairs]
+
+
 def cosine_similarities(vectors: np.ndarray, references: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity; a zero vector scores 0 (and so counts as a mismatch)."""
     vectors = vectors.astype(np.float64)
@@ -293,7 +373,7 @@ class RequestRecord:
     latency_s: float                # send -> full response body received
     num_inputs: int
     error: str | None = None        # None = ok; else HTTP status, exception type or "bad_response:why"
-    prompt_tokens: int | None = None  # usage.prompt_tokens, when the server reports it
+    prompt_tokens: int | None = None  # usage.prompt_tokens (rerank: total_tokens), when the server reports it
     checked: int = 0                # vectors compared with the reference
     mismatches: int = 0             # of those, how many fell below the threshold
     min_cosine: float | None = None
@@ -338,6 +418,20 @@ def summarise(records: list[RequestRecord], wall_time: float) -> dict:
 # Load generation
 # ---------------------------------------------------------------------------
 
+def usage_tokens(payload: dict, mode: str = "embed") -> int | None:
+    """Tokens a response's `usage` reports: prompt_tokens, or for a rerank total_tokens (else
+    prompt_tokens); None when the server reports neither."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    keys = ("total_tokens", "prompt_tokens") if mode == "rerank" else ("prompt_tokens",)
+    for key in keys:
+        value = usage.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def request_indices(request_number: int, inputs_per_request: int, num_texts: int) -> list[int]:
     """Text indices for the n-th request: consecutive texts, wrapping around the dataset."""
     first = request_number * inputs_per_request
@@ -346,12 +440,16 @@ def request_indices(request_number: int, inputs_per_request: int, num_texts: int
 
 async def send_request(client: httpx.AsyncClient, body: dict, indices: list[int],
                        point_start: float, reference: np.ndarray | None = None,
-                       check_threshold: float = 0.9999) -> RequestRecord:
-    """POST one embeddings request and turn the outcome into a RequestRecord."""
+                       check_threshold: float = 0.9999, *, mode: str = "embed",
+                       path: str | None = None) -> RequestRecord:
+    """POST one embeddings request (mode "rerank": one rerank request, to `path`, default RERANK_PATH)
+    and turn the outcome into a RequestRecord."""
+    if mode == "rerank":
+        return await send_rerank_request(client, body, point_start, path or RERANK_PATH)
     sent = time.perf_counter()
     record = RequestRecord(start_s=sent - point_start, latency_s=0.0, num_inputs=len(indices))
     try:
-        response = await client.post(EMBEDDINGS_PATH, json=body)
+        response = await client.post(path or EMBEDDINGS_PATH, json=body)
     except httpx.HTTPError as exc:
         record.latency_s = time.perf_counter() - sent
         record.error = type(exc).__name__
@@ -369,9 +467,7 @@ async def send_request(client: httpx.AsyncClient, body: dict, indices: list[int]
     except BadResponse as exc:
         record.error = f"bad_response:{exc}"
         return record
-    usage = payload.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        record.prompt_tokens = usage["prompt_tokens"]
+    record.prompt_tokens = usage_tokens(payload)
     if reference is not None:
         expected = reference[indices]
         # A shorter vector is what --dimensions (Matryoshka truncation) returns:
@@ -386,14 +482,49 @@ async def send_request(client: httpx.AsyncClient, body: dict, indices: list[int]
     return record
 
 
+async def send_rerank_request(client: httpx.AsyncClient, body: dict, point_start: float,
+                              path: str = RERANK_PATH) -> RequestRecord:
+    """POST one rerank request and turn the outcome into a RequestRecord; its inputs are the documents."""
+    sent = time.perf_counter()
+    record = RequestRecord(start_s=sent - point_start, latency_s=0.0, num_inputs=len(body["documents"]))
+    try:
+        response = await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        record.latency_s = time.perf_counter() - sent
+        record.error = type(exc).__name__
+        return record
+    record.latency_s = time.perf_counter() - sent
+    if response.status_code != 200:
+        record.error = str(response.status_code)
+        return record
+    try:
+        payload = response.json()
+        decode_rerank_response(payload, body["documents"], body.get("top_n"), bool(body.get("return_documents")))
+    except ValueError:
+        record.error = "bad_response:json"
+        return record
+    except BadResponse as exc:
+        record.error = f"bad_response:{exc}"
+        return record
+    record.prompt_tokens = usage_tokens(payload, "rerank")
+    return record
+
+
 async def run_point(client: httpx.AsyncClient, texts: list[str], *, model: str,
                     inputs_per_request: int, concurrency: int, request_rate: float = math.inf,
                     num_requests: int | None = None, duration: float | None = None,
                     warmup_requests: int = 0, encoding_format: str = "float",
                     dimensions: int | None = None, extra_body: dict | None = None,
                     reference: np.ndarray | None = None, check_threshold: float = 0.9999,
-                    seed: int = 0, show_progress: bool = True) -> dict:
+                    seed: int = 0, show_progress: bool = True, mode: str = "embed",
+                    queries: list[str] | None = None, rerank_path: str = RERANK_PATH,
+                    top_n: int | None = None, return_documents: bool = False) -> dict:
     """Run one sweep point and return its configuration merged with summarise().
+
+    mode="embed": each request embeds `inputs_per_request` texts. mode="rerank": each request
+    reranks `inputs_per_request` documents drawn from `texts` for one of `queries` (request n takes
+    query n modulo their number), POSTed to `rerank_path`; encoding_format, dimensions and reference
+    do not apply.
 
     request_rate=inf: closed loop, `concurrency` workers each sending back to
     back. Finite rate: Poisson arrivals at that many requests/s, with at most
@@ -404,16 +535,34 @@ async def run_point(client: httpx.AsyncClient, texts: list[str], *, model: str,
     """
     if (num_requests is None) == (duration is None):
         raise ValueError("give exactly one of num_requests and duration")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "rerank":
+        if not queries:
+            raise ValueError("rerank mode needs at least one query")
+        if reference is not None:
+            raise ValueError("reference vectors are for embed mode only")
+        encoding_format, dimensions = None, None
     if reference is not None and len(reference) < len(texts):
         raise ValueError(f"reference has {len(reference)} rows for {len(texts)} texts")
 
-    def body_for(indices: list[int]) -> dict:
-        body = {"model": model, "input": [texts[i] for i in indices],
-                "encoding_format": encoding_format}
-        if dimensions is not None:
-            body["dimensions"] = dimensions
+    def request(n: int) -> tuple[dict, list[int]]:
+        """The body of the n-th request and the indices of the texts it carries."""
+        indices = request_indices(n, inputs_per_request, len(texts))
+        if mode == "rerank":
+            body = {"model": model, "query": queries[n % len(queries)],
+                    "documents": [texts[i] for i in indices], "return_documents": return_documents}
+            if top_n is not None:
+                body["top_n"] = top_n
+        else:
+            body = {"model": model, "input": [texts[i] for i in indices],
+                    "encoding_format": encoding_format}
+            if dimensions is not None:
+                body["dimensions"] = dimensions
         body.update(extra_body or {})
-        return body
+        return body, indices
+
+    path = rerank_path if mode == "rerank" else EMBEDDINGS_PATH
 
     # Warmup continues through the dataset so timed requests do not start with
     # texts the server has just seen; its outcomes are not recorded.
@@ -421,8 +570,7 @@ async def run_point(client: httpx.AsyncClient, texts: list[str], *, model: str,
 
     async def warmup_worker() -> None:
         while (n := next(warmup_counter)) < warmup_requests:
-            indices = request_indices(n, inputs_per_request, len(texts))
-            await send_request(client, body_for(indices), indices, time.perf_counter())
+            await send_request(client, *request(n), time.perf_counter(), mode=mode, path=path)
 
     await asyncio.gather(*(warmup_worker() for _ in range(min(concurrency, warmup_requests))))
 
@@ -436,9 +584,8 @@ async def run_point(client: httpx.AsyncClient, texts: list[str], *, model: str,
     limit = warmup_requests + num_requests if num_requests is not None else math.inf
 
     async def send_and_record(n: int) -> None:
-        indices = request_indices(n, inputs_per_request, len(texts))
-        records.append(await send_request(client, body_for(indices), indices, start,
-                                          reference, check_threshold))
+        records.append(await send_request(client, *request(n), start, reference, check_threshold,
+                                          mode=mode, path=path))
         progress.update(1)
 
     async def closed_loop_worker() -> None:
@@ -475,12 +622,15 @@ async def run_point(client: httpx.AsyncClient, texts: list[str], *, model: str,
         progress.close()
     wall_time = time.perf_counter() - start
     client_cpu = time.process_time() - cpu_start
+    rerank_fields = {"top_n": top_n, "return_documents": return_documents} if mode == "rerank" else {}
     return {
-        "inputs_per_request": inputs_per_request,
+        "mode": mode,
+        "inputs_per_request": inputs_per_request,  # rerank: documents per request
         "concurrency": concurrency,
         "request_rate": request_rate,
         "encoding_format": encoding_format,
         "dimensions": dimensions,
+        **rerank_fields,
         "warmup_requests": warmup_requests,
         **summarise(records, wall_time),
         # Near 100% means this Python client, not the server, limited throughput.
@@ -616,7 +766,8 @@ def format_table(points: list[dict]) -> str:
 
 
 def plot_points(points: list[dict], path: str, title: str = "") -> None:
-    """PNG: inputs/s and p99 latency against concurrency, one line per inputs-per-request (and rate)."""
+    """PNG: inputs/s (rerank: documents/s) and p99 latency against concurrency, one line per
+    inputs-per-request (and rate)."""
     import matplotlib  # lazy: everything else works without matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -625,6 +776,7 @@ def plot_points(points: list[dict], path: str, title: str = "") -> None:
     for p in points:
         series.setdefault((p["inputs_per_request"], p["request_rate"]), []).append(p)
     several_rates = len({rate for _, rate in series}) > 1
+    inputs = "documents" if any(p.get("mode") == "rerank" for p in points) else "inputs"
     fig, (ax_throughput, ax_latency) = plt.subplots(1, 2, figsize=(11, 4.5))
 
     def nan_if_none(v):
@@ -633,11 +785,11 @@ def plot_points(points: list[dict], path: str, title: str = "") -> None:
     for (ipr, rate), group in sorted(series.items()):
         group.sort(key=lambda p: p["concurrency"])
         x = [p["concurrency"] for p in group]
-        name = f"{ipr} inputs/req" + (f", {rate:g} req/s" if several_rates else "")
+        name = f"{ipr} {inputs}/req" + (f", {rate:g} req/s" if several_rates else "")
         ax_throughput.plot(x, [nan_if_none(p["inputs_per_s"]) for p in group], marker="o", label=name)
         ax_latency.plot(x, [nan_if_none(p["latency_p99_ms"]) for p in group], marker="o", label=name)
     concurrencies = sorted({p["concurrency"] for p in points})
-    for ax, ylabel in ((ax_throughput, "inputs/s"), (ax_latency, "p99 latency (ms)")):
+    for ax, ylabel in ((ax_throughput, f"{inputs}/s"), (ax_latency, "p99 latency (ms)")):
         if len(concurrencies) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
@@ -699,18 +851,28 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--label", default="", help="free text naming the software under test, stored in the JSON")
     server.add_argument("--timeout", type=float, default=60.0,
                         help="per-request timeout, seconds (default: %(default)s)")
+    server.add_argument("--mode", choices=MODES, default="embed",
+                        help="embed: POST /v1/embeddings with inputs-per-request texts; rerank: POST "
+                             "--rerank-path with one query and inputs-per-request documents (default: %(default)s)")
+    server.add_argument("--rerank-path", default=RERANK_PATH,
+                        help="the rerank route, --mode rerank (default: %(default)s; vLLM also serves /rerank, "
+                             "Cohere's API is /v2/rerank)")
 
     data = parser.add_argument_group("inputs")
     data.add_argument("--dataset", help="file with one text per line, or .jsonl with a 'text' field; "
-                                        "default: synthetic texts")
+                                        "default: synthetic texts (--mode rerank: the documents)")
+    data.add_argument("--queries", metavar="FILE",
+                      help="--mode rerank: the queries, one per line or .jsonl with a 'text' field, request n "
+                           f"taking query n modulo their number; default: {DEFAULT_NUM_SYNTHETIC_QUERIES} synthetic "
+                           f"queries of {SYNTHETIC_QUERY_WORDS[0]}-{SYNTHETIC_QUERY_WORDS[1]} words")
     data.add_argument("--images", metavar="DIR|synthetic[:WxH]",
                       help="send images instead of texts, each input an item {\"image\": data URI} (tp-embed's "
                            "format for CLIP and GME): the image files of DIR, or synthetic JPEGs of WxH pixels "
-                           "(default 640x480)")
+                           "(default 640x480); embed mode only")
     data.add_argument("--num-texts", type=int, default=None,
-                      help=f"number of synthetic texts (default {DEFAULT_NUM_SYNTHETIC_TEXTS}) or images "
-                           f"(default {DEFAULT_NUM_SYNTHETIC_IMAGES}); with --dataset or an --images DIR, "
-                           "use only the first N")
+                      help=f"number of synthetic texts (default {DEFAULT_NUM_SYNTHETIC_TEXTS}; --mode rerank: "
+                           f"documents) or images (default {DEFAULT_NUM_SYNTHETIC_IMAGES}); with --dataset or an "
+                           "--images DIR, use only the first N")
     data.add_argument("--synthetic-min-words", type=int, default=8,
                       help="shortest synthetic text, words (default: %(default)s)")
     data.add_argument("--synthetic-max-words", type=int, default=128,
@@ -720,7 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = parser.add_argument_group("load (list flags sweep: every combination is one point)")
     load.add_argument("--inputs-per-request", type=positive_int_list, default="1",
-                      help="inputs (texts or images) per request, comma-separated sweep, e.g. 1,32 "
+                      help="inputs (texts or images) per request, comma-separated sweep, e.g. 1,32; "
+                           "--mode rerank: documents per request, each request also carrying one query "
                            "(default: %(default)s)")
     load.add_argument("--concurrency", type=positive_int_list, default="1",
                       help="closed loop: number of workers; open loop: cap on requests in flight; "
@@ -735,16 +898,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="untimed requests before each point (default: %(default)s)")
 
     request = parser.add_argument_group("request body")
-    request.add_argument("--encoding-format", choices=["float", "base64"], default="float",
-                         help="embedding encoding asked of the server (default: %(default)s)")
-    request.add_argument("--dimensions", type=int, help="'dimensions' field (Matryoshka truncation)")
+    request.add_argument("--encoding-format", choices=["float", "base64"], default=None,
+                         help="embedding encoding asked of the server (default: float); embed mode only")
+    request.add_argument("--dimensions", type=int,
+                         help="'dimensions' field (Matryoshka truncation); embed mode only")
+    request.add_argument("--top-n", type=int,
+                         help="--mode rerank: 'top_n' field, the server returns only the N best documents "
+                              "(default: not sent, all documents)")
+    request.add_argument("--return-documents", action="store_true",
+                         help="--mode rerank: send 'return_documents': true (default false) and check that each "
+                              "result carries the document sent")
     request.add_argument("--extra-body", type=json_object, default="{}",
                          help="JSON object merged into each request body, "
                               "e.g. '{\"truncate_prompt_tokens\": 256}' for vLLM")
 
     check = parser.add_argument_group("correctness")
     check.add_argument("--check", metavar="REF.npy",
-                       help="reference vectors, row i = text i; every returned vector is compared by cosine")
+                       help="reference vectors, row i = text i; every returned vector is compared by cosine "
+                            "(embed mode only)")
     check.add_argument("--check-threshold", type=float, default=0.9999,
                        help="cosine below this counts as a mismatch (default: %(default)s)")
 
@@ -758,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("num_texts", "num_requests", "dimensions", "synthetic_min_words"):
+    for name in ("num_texts", "num_requests", "dimensions", "synthetic_min_words", "top_n"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -777,6 +948,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup-requests must be >= 0")
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
+    if args.mode == "rerank":
+        for flag, value, why in (
+                ("--check", args.check, "it compares returned vectors, and a rerank response has scores"),
+                ("--images", args.images, "rerank requests carry text documents"),
+                ("--dimensions", args.dimensions, "it asks for shorter vectors"),
+                ("--encoding-format", args.encoding_format, "it asks for a vector encoding")):
+            if value is not None:
+                parser.error(f"{flag} is for --mode embed only ({why})")
+        if not args.rerank_path.startswith("/"):
+            args.rerank_path = "/" + args.rerank_path
+    else:
+        for flag, value in (("--queries", args.queries), ("--top-n", args.top_n),
+                            ("--return-documents", args.return_documents or None)):
+            if value is not None:
+                parser.error(f"{flag} is for --mode rerank only")
+        if args.encoding_format is None:
+            args.encoding_format = "float"
     if args.duration is None and args.num_requests is None:
         args.num_requests = DEFAULT_NUM_REQUESTS
     args.base_url = args.base_url.rstrip("/").removesuffix("/v1")
@@ -784,7 +972,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_texts(args: argparse.Namespace) -> list:
-    """The inputs the requests cycle through: texts, or image items with --images."""
+    """The inputs the requests cycle through: texts (rerank: documents), or image items with --images."""
     if getattr(args, "images", None):
         return load_images(args.images, args.num_texts, args.seed)
     if args.dataset:
@@ -797,7 +985,8 @@ def software_versions() -> dict:
     return {"python": platform.python_version(), "httpx": httpx.__version__, "numpy": np.__version__}
 
 
-async def run_benchmark(args: argparse.Namespace, texts: list[str], reference: np.ndarray | None) -> dict:
+async def run_benchmark(args: argparse.Namespace, texts: list[str], reference: np.ndarray | None,
+                        queries: list[str] | None = None) -> dict:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     max_concurrency = max(args.concurrency)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -821,7 +1010,8 @@ async def run_benchmark(args: argparse.Namespace, texts: list[str], reference: n
                 encoding_format=args.encoding_format, dimensions=args.dimensions,
                 extra_body=args.extra_body, reference=reference,
                 check_threshold=args.check_threshold, seed=args.seed,
-                show_progress=not args.no_progress))
+                show_progress=not args.no_progress, mode=args.mode, queries=queries,
+                rerank_path=args.rerank_path, top_n=args.top_n, return_documents=args.return_documents))
     return {
         "started_at": started_at,
         "label": args.label,
@@ -830,7 +1020,8 @@ async def run_benchmark(args: argparse.Namespace, texts: list[str], reference: n
         "machine": machine_info(),
         "software": {"client": software_versions(), "server": server},
         "config": {k: v for k, v in vars(args).items() if k != "api_key"},
-        "num_texts": len(texts),
+        "num_texts": len(texts),  # rerank: documents
+        "num_queries": len(queries) if queries is not None else None,
         "points": points,
     }
 
@@ -839,12 +1030,13 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the sweep described by argv (sys.argv[1:] if None); print, save and return the results."""
     args = parse_args(argv)
     texts = load_texts(args)
+    queries = load_queries(args.queries, args.seed) if args.mode == "rerank" else None
     reference = None
     if args.check:
         reference = np.load(args.check)
         if reference.ndim != 2 or len(reference) < len(texts):
             raise SystemExit(f"{args.check}: need a 2-D array with >= {len(texts)} rows, got {reference.shape}")
-    result = asyncio.run(run_benchmark(args, texts, reference))
+    result = asyncio.run(run_benchmark(args, texts, reference, queries))
     print(format_table(result["points"]))
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)

@@ -23,12 +23,30 @@ order for every server). Peers:
   NAME=CMD  any command line serving OpenAI /v1/embeddings; {port},
             {model_dir} and {python} are filled in.
 
+Rerank (`--mode rerank`): every run is a bench_serving rerank point instead,
+each request one query and inputs-per-request documents POSTed to
+`--rerank-path` (default /v1/rerank, which tp-embed, vLLM and Infinity, with
+its /v1 prefix, all serve); inputs/s then counts documents. The `st` peer
+reranks in-process too, one call per request: with a cross-encoder checkpoint
+(config.json's architectures a *ForSequenceClassification) it is
+sentence-transformers `CrossEncoder.predict` on the (query, document) pairs;
+with any other model `SentenceTransformer.encode` of the query and the
+documents and their cosine, which is how tp-embed reranks with an embedding
+model. A reranker built on a causal LM's token logits (Qwen3-Reranker) is
+neither, so leave `st` out for one. `--check` (vectors) and `--images` are
+embed-only.
+
 Usage (docs/peers.md says how to install the peers)::
 
     python benchmarks/compare.py --rounds 3 --num-requests 200 \\
         --peer st --peer vllm:/work/peers/vllm/bin/python \\
         --peer infinity:/work/peers/infinity/bin/python \\
         --output-json results/compare.json --output-markdown results/compare.md
+
+    # Rerank with a cross-encoder: 10 and 100 documents per request.
+    python benchmarks/compare.py --mode rerank --model-dir /models/bge-reranker-base \\
+        --inputs-per-request 10,100 --peer st --peer vllm:/work/peers/vllm/bin/python \\
+        --output-json results/rerank.json --output-markdown results/rerank.md
 """
 
 from __future__ import annotations
@@ -232,6 +250,7 @@ def short_error(error: str) -> str:
 def format_markdown(rows: list[dict], result: dict) -> str:
     """A section for docs/performance.md: setup, the ratio table, and what did not run."""
     config, machine = result["config"], result["machine"]
+    rerank = config.get("mode") == "rerank"
     if config.get("images"):
         texts = f"{result['num_texts']} images ({config['images']})"
     elif config["dataset"]:
@@ -239,9 +258,15 @@ def format_markdown(rows: list[dict], result: dict) -> str:
     else:
         texts = (f"{result['num_texts']} synthetic texts of {config['synthetic_min_words']}-"
                  f"{config['synthetic_max_words']} words")
+    if rerank:
+        queries = config.get("queries") or "synthetic"
+        texts = (f"rerank requests to {config['rerank_path']} of one query ({result['num_queries']} {queries} "
+                 f"queries) and ipr documents from {texts}")
+    else:
+        texts = f"{texts}, {config['encoding_format']} responses"
     setup = (f"Compared on {machine['cpu_model']} ({machine['cpu_count_usable']} usable CPUs), "
-             f"{result['started_at']}: {os.path.basename(result['model_dir'].rstrip('/'))}, float32, {texts}, "
-             f"{config['encoding_format']} responses; {config['num_requests']} timed requests per run after "
+             f"{result['started_at']}: {os.path.basename(result['model_dir'].rstrip('/'))}, float32, {texts}; "
+             f"{config['num_requests']} timed requests per run after "
              f"{config['warmup_requests']} warm-up; median of {config['rounds']} alternating rounds.")
     lines = [
         setup,
@@ -250,10 +275,18 @@ def format_markdown(rows: list[dict], result: dict) -> str:
         "|" + "|".join("---" if key == "peer" else "---:" for _, key, _ in RATIO_COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in cells(rows)]
-    legend = ("in/s ours/peer > 1 and p50 ours/peer < 1 mean tp-embed is ahead. "
-              f"`{IN_PROCESS}` is sentence-transformers `encode()` in-process (one text per call at 1 input "
-              "per request, length-sorted batches at 32; concurrency 1 only). mismatches: returned vectors "
-              "whose cosine to sentence-transformers' fell below the threshold (`--check`; - when not checked).")
+    if rerank:
+        legend = ("ipr: documents per request; in/s: documents/s. in/s ours/peer > 1 and p50 ours/peer < 1 mean "
+                  f"tp-embed is ahead. `{IN_PROCESS}` is sentence-transformers in-process, one call per request "
+                  "(`CrossEncoder.predict` on the (query, document) pairs of a cross-encoder, `encode()` and "
+                  "cosine for an embedding model; concurrency 1 only). mismatches: - (vectors are not checked "
+                  "in rerank mode).")
+    else:
+        legend = ("in/s ours/peer > 1 and p50 ours/peer < 1 mean tp-embed is ahead. "
+                  f"`{IN_PROCESS}` is sentence-transformers `encode()` in-process (one text per call at 1 input "
+                  "per request, length-sorted batches at 32; concurrency 1 only). mismatches: returned vectors "
+                  "whose cosine to sentence-transformers' fell below the threshold (`--check`; - when not "
+                  "checked).")
     lines += ["", legend, ""]
     for name, server in result["servers"].items():
         versions = ", ".join(f"{k} {v}" for k, v in server.get("versions", {}).items() if v)
@@ -322,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     servers.add_argument("--startup-timeout", type=float, default=600.0,
                          help="seconds a server may take to answer GET /v1/models (default: %(default)s)")
     servers.add_argument("--log-dir", help="server logs go here (default: a new temporary folder)")
+    servers.add_argument("--mode", choices=bs.MODES, default="embed",
+                         help="what every run measures, as bench_serving.py --mode: embed (POST /v1/embeddings) "
+                              "or rerank (one query and inputs-per-request documents per request; the st peer "
+                              "then uses CrossEncoder.predict, or encode() and cosine for an embedding model) "
+                              "(default: %(default)s)")
+    servers.add_argument("--rerank-path", default=bs.RERANK_PATH,
+                         help="--mode rerank: the route every server is sent reranks on (default: %(default)s)")
 
     data = parser.add_argument_group("inputs")
     data.add_argument("--images", metavar="DIR|synthetic[:WxH]",
@@ -330,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "servers that take that format, so peers must be NAME=COMMAND ones (e.g. another "
                            "tp-embed build) and --check is not available")
     data.add_argument("--dataset", help="file with one text per line, or .jsonl with a 'text' field; "
-                                        "default: synthetic texts")
+                                        "default: synthetic texts (--mode rerank: the documents)")
+    data.add_argument("--queries", metavar="FILE",
+                      help="--mode rerank: queries, one per line or .jsonl with a 'text' field; default: "
+                           f"{bs.DEFAULT_NUM_SYNTHETIC_QUERIES} synthetic ones (see bench_serving.py --queries)")
     data.add_argument("--num-texts", type=int, default=None,
                       help="number of synthetic texts (default 2000) or images (default 64); of a --dataset "
                            "or an --images DIR, the first N")
@@ -342,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = parser.add_argument_group("load")
     load.add_argument("--inputs-per-request", type=bs.positive_int_list, default="1,32",
-                      help="texts per request, comma-separated (default: %(default)s)")
+                      help="texts per request (--mode rerank: documents per request, each with one query), "
+                           "comma-separated (default: %(default)s)")
     load.add_argument("--concurrency", type=bs.positive_int_list, default="1,8",
                       help="closed-loop workers, comma-separated (default: %(default)s)")
     load.add_argument("--rounds", type=int, default=3, help="alternating rounds per point (default: %(default)s)")
@@ -402,6 +446,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             bs.check_image_source(args.images)
         except ValueError as exc:
             parser.error(f"--images: {exc}")
+    if args.mode == "rerank":
+        if args.check:
+            parser.error("--check compares embedding vectors: it is for --mode embed only")
+        if args.images is not None:
+            parser.error("--images is for --mode embed only: rerank requests carry text documents")
+        if not args.rerank_path.startswith("/"):
+            args.rerank_path = "/" + args.rerank_path
+    elif args.queries is not None:
+        parser.error("--queries is for --mode rerank only")
     if args.num_texts is None:
         args.num_texts = bs.DEFAULT_NUM_SYNTHETIC_IMAGES if args.images is not None else 2000
     for name, body in args.extra_body:
@@ -548,7 +601,7 @@ class HttpServer:
                 time.sleep(0.5)
 
     def run_point(self, texts: list[str], inputs_per_request: int, concurrency: int,
-                  args: argparse.Namespace, reference: np.ndarray | None) -> dict:
+                  args: argparse.Namespace, reference: np.ndarray | None, queries: list[str] | None = None) -> dict:
         async def run() -> dict:
             async with httpx.AsyncClient(
                     base_url=self.base_url, timeout=args.timeout, trust_env=False,
@@ -559,7 +612,8 @@ class HttpServer:
                     concurrency=concurrency, num_requests=args.num_requests,
                     warmup_requests=args.warmup_requests, encoding_format=args.encoding_format,
                     extra_body=self.spec.extra_body, reference=reference,
-                    check_threshold=args.check_threshold, show_progress=not args.no_progress)
+                    check_threshold=args.check_threshold, show_progress=not args.no_progress,
+                    mode=args.mode, queries=queries, rerank_path=args.rerank_path)
         return asyncio.run(run())
 
     def stop(self) -> None:
@@ -569,13 +623,19 @@ class HttpServer:
 
 class InProcessPeer:
     """sentence-transformers encode() in a worker subprocess: this script with argv[1] = st-worker.
+    mode "rerank": the worker reranks instead (StReranker), the queries read from queries_path.
 
     Each command is one JSON line on the worker's stdin, each answer one JSON line on its stdout.
     """
 
-    def __init__(self, spec: ServerSpec, model_dir: str, log_dir: str, texts_path: str):
+    def __init__(self, spec: ServerSpec, model_dir: str, log_dir: str, texts_path: str, mode: str = "embed",
+                 queries_path: str | None = None):
         self.spec = spec
         self.argv = [spec.python, os.path.abspath(__file__), ST_WORKER, model_dir, texts_path]
+        if mode == "rerank":
+            if queries_path is None:
+                raise ValueError("the rerank worker needs a file of queries")
+            self.argv += [mode, queries_path]
         self.log_path = os.path.join(log_dir, f"{spec.name}.log")
         self.group: ProcessGroup | None = None
         self.model = model_dir
@@ -599,7 +659,8 @@ class InProcessPeer:
         return json.loads(line)
 
     def run_point(self, texts: list[str], inputs_per_request: int, concurrency: int,
-                  args: argparse.Namespace, reference: np.ndarray | None) -> dict:
+                  args: argparse.Namespace, reference: np.ndarray | None, queries: list[str] | None = None) -> dict:
+        """One point from the worker, which has the texts (and queries) from its files already."""
         assert concurrency == 1, "schedule() runs the in-process peer at concurrency 1 only"
         return self.ask({"command": "run", "inputs_per_request": inputs_per_request,
                          "num_requests": args.num_requests, "warmup_requests": args.warmup_requests})
@@ -651,22 +712,97 @@ def st_run_point(model, texts: list[str], inputs_per_request: int, num_requests:
     wall_time = time.perf_counter() - start
     for record, batch in zip(records, batches):  # after the clock stops: tokens as the model saw them
         record.prompt_tokens = int(model.tokenize(batch)["attention_mask"].sum())
-    return {"inputs_per_request": inputs_per_request, "concurrency": 1, "request_rate": float("inf"),
-            "encoding_format": "numpy", "dimensions": None, "warmup_requests": warmup_requests,
-            **bs.summarise(records, wall_time), "client_cpu_percent": None}
+    return {"mode": "embed", "inputs_per_request": inputs_per_request, "concurrency": 1,
+            "request_rate": float("inf"), "encoding_format": "numpy", "dimensions": None,
+            "warmup_requests": warmup_requests, **bs.summarise(records, wall_time), "client_cpu_percent": None}
 
 
-def st_worker(model_dir: str, texts_path: str) -> None:
+def is_cross_encoder(model_dir: str) -> bool:
+    """Whether config.json names a *ForSequenceClassification architecture (a cross-encoder's)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
+class StReranker:
+    """What the st peer does for one rerank request: CrossEncoder.predict on the (query, document) pairs of
+    a cross-encoder checkpoint; for any other model encode() of the query and the documents and the
+    cosine of each document's vector with the query's (how tp-embed reranks with an embedding model)."""
+
+    def __init__(self, model_dir: str):
+        self.cross_encoder = is_cross_encoder(model_dir)
+        if self.cross_encoder:
+            from sentence_transformers import CrossEncoder
+            self.model = CrossEncoder(model_dir, device="cpu")
+        else:
+            from sentence_transformers import SentenceTransformer
+            self.model = SentenceTransformer(model_dir, device="cpu")
+
+    def scores(self, query: str, documents: list[str]) -> np.ndarray:
+        if self.cross_encoder:
+            return np.asarray(self.model.predict([(query, d) for d in documents], batch_size=len(documents),
+                                                 show_progress_bar=False), dtype=np.float32).reshape(len(documents))
+        vectors = self.model.encode([query, *documents], batch_size=len(documents) + 1, normalize_embeddings=True)
+        return vectors[1:] @ vectors[0]
+
+    def rank(self, query: str, documents: list[str]) -> list[int]:
+        """Document indices, best first, as a rerank response orders them."""
+        return np.argsort(-self.scores(query, documents), kind="stable").tolist()
+
+    def count_tokens(self, query: str, documents: list[str]) -> int:
+        if self.cross_encoder:
+            encoded = self.model.tokenizer([query] * len(documents), list(documents), truncation=True)
+            return sum(sum(mask) for mask in encoded["attention_mask"])
+        return int(self.model.tokenize([query, *documents])["attention_mask"].sum())
+
+
+def st_rerank_point(reranker, texts: list[str], queries: list[str], inputs_per_request: int, num_requests: int,
+                    warmup_requests: int) -> dict:
+    """Time reranker.rank() request by request, each the query and documents bench_serving would send."""
+    def request(n: int) -> tuple[str, list[str]]:
+        return queries[n % len(queries)], [texts[i] for i in bs.request_indices(n, inputs_per_request, len(texts))]
+
+    for n in range(warmup_requests):
+        reranker.rank(*request(n))
+    requests = [request(n) for n in range(warmup_requests, warmup_requests + num_requests)]
+    records = []
+    start = time.perf_counter()
+    for query, documents in requests:
+        sent = time.perf_counter()
+        reranker.rank(query, documents)
+        records.append(bs.RequestRecord(start_s=sent - start, latency_s=time.perf_counter() - sent,
+                                        num_inputs=len(documents)))
+    wall_time = time.perf_counter() - start
+    for record, (query, documents) in zip(records, requests):  # after the clock stops
+        record.prompt_tokens = reranker.count_tokens(query, documents)
+    return {"mode": "rerank", "inputs_per_request": inputs_per_request, "concurrency": 1,
+            "request_rate": float("inf"), "encoding_format": None, "dimensions": None, "top_n": None,
+            "return_documents": False, "warmup_requests": warmup_requests, **bs.summarise(records, wall_time),
+            "client_cpu_percent": None}
+
+
+def st_worker(model_dir: str, texts_path: str, mode: str = "embed", queries_path: str | None = None) -> None:
     # Answers need a clean stdout: keep it for them and send everything else printed to stderr.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    from sentence_transformers import SentenceTransformer
-    model = SentenceTransformer(model_dir, device="cpu")
+    if mode == "rerank":
+        model = StReranker(model_dir)
+        with open(queries_path, encoding="utf-8") as f:
+            queries = json.load(f)
+    else:
+        from sentence_transformers import SentenceTransformer
+        model = SentenceTransformer(model_dir, device="cpu")
     with open(texts_path, encoding="utf-8") as f:
         texts = json.load(f)
     for line in sys.stdin:
         command = json.loads(line)
-        if command["command"] == "run":
+        if command["command"] == "run" and mode == "rerank":
+            answer = st_rerank_point(model, texts, queries, command["inputs_per_request"], command["num_requests"],
+                                     command["warmup_requests"])
+        elif command["command"] == "run":
             answer = st_run_point(model, texts, command["inputs_per_request"], command["num_requests"],
                                   command["warmup_requests"])
         elif command["command"] == "reference":
@@ -690,24 +826,32 @@ def describe(spec: ServerSpec) -> dict:
             "env": spec.env, "versions": versions}
 
 
-def compare(args: argparse.Namespace, texts: list[str], log_dir: str) -> dict:
+def compare(args: argparse.Namespace, texts: list[str], log_dir: str, queries: list[str] | None = None) -> dict:
     model_dir = args.model_dir or default_model_dir()
     texts_path = os.path.join(log_dir, "texts.json")
     with open(texts_path, "w", encoding="utf-8") as f:
         json.dump(texts, f)
+    queries_path = None
+    if args.mode == "rerank":
+        if not queries:
+            raise ValueError("--mode rerank needs queries")
+        queries_path = os.path.join(log_dir, "queries.json")
+        with open(queries_path, "w", encoding="utf-8") as f:
+            json.dump(queries, f)
     servers: dict[str, HttpServer | InProcessPeer] = {}
     info = {spec.name: describe(spec) for spec in args.servers}
     result = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": bs.machine_info(), "model_dir": model_dir, "log_dir": log_dir,
               "config": {k: v for k, v in vars(args).items() if k not in ("servers", "peers", "extra_body")},
-              "num_texts": len(texts), "servers": info, "runs": []}
+              "num_texts": len(texts), "num_queries": len(queries) if queries is not None else None,
+              "servers": info, "runs": []}
     try:
         # Every server is up for the whole comparison: idle ones sleep (seen: 0 CPU-s
         # in 10-20 s for tp-embed, vLLM and Infinity), and no run waits for a start.
         for spec in args.servers:
             started = time.monotonic()
-            server = (InProcessPeer(spec, model_dir, log_dir, texts_path) if spec.command is None
-                      else HttpServer(spec, model_dir, log_dir))
+            server = (InProcessPeer(spec, model_dir, log_dir, texts_path, args.mode, queries_path)
+                      if spec.command is None else HttpServer(spec, model_dir, log_dir))
             servers[spec.name] = server
             print(f"starting {spec.name} (log: {server.log_path})", file=sys.stderr, flush=True)
             try:
@@ -735,7 +879,7 @@ def compare(args: argparse.Namespace, texts: list[str], log_dir: str) -> dict:
         points = grid(args.inputs_per_request, args.concurrency)
         order = schedule(points, list(servers), args.rounds, in_process=frozenset({IN_PROCESS}))
         for number, ((ipr, concurrency), round_index, name) in enumerate(order, 1):
-            run = servers[name].run_point(texts, ipr, concurrency, args, reference)
+            run = servers[name].run_point(texts, ipr, concurrency, args, reference, queries)
             run = {"server": name, "round": round_index, **run}
             result["runs"].append(run)
             print(f"[{number}/{len(order)}] ipr={ipr} conc={concurrency} round {round_index + 1} {name}: "
@@ -758,9 +902,10 @@ def main(argv: list[str] | None = None) -> dict:
     texts = bs.load_texts(argparse.Namespace(
         images=args.images, dataset=args.dataset, num_texts=args.num_texts, seed=args.seed,
         synthetic_min_words=args.synthetic_min_words, synthetic_max_words=args.synthetic_max_words))
+    queries = bs.load_queries(args.queries, args.seed) if args.mode == "rerank" else None
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="compare-")
     os.makedirs(log_dir, exist_ok=True)
-    result = compare(args, texts, log_dir)
+    result = compare(args, texts, log_dir, queries)
     print(format_table(result["ratios"]))
     for name, server in result["servers"].items():
         if server.get("error"):

@@ -20,13 +20,22 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def embed_models(tp: int, out_dir: str, texts: list[str], models: list[dict]) -> None:
     """Run tests/embed_models.py under torchrun at `tp`; raises with the job's stderr on failure."""
+    run_script("embed_models.py", tp, out_dir, {"texts": texts, "models": models})
+
+
+def score_models(tp: int, out_dir: str, models: list[dict]) -> None:
+    """Run tests/score_models.py under torchrun at `tp` (pairs scored, texts classified per model)."""
+    run_script("score_models.py", tp, out_dir, {"models": models})
+
+
+def run_script(script: str, tp: int, out_dir: str, spec: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    spec = os.path.join(out_dir, "spec.json")
-    with open(spec, "w") as f:
-        json.dump({"tp": tp, "out_dir": out_dir, "texts": texts, "models": models}, f)
-    proc = run(torchrun_cmd(tp, os.path.join(ROOT, "tests", "embed_models.py"), spec))
+    path = os.path.join(out_dir, "spec.json")
+    with open(path, "w") as f:
+        json.dump({"tp": tp, "out_dir": out_dir, **spec}, f)
+    proc = run(torchrun_cmd(tp, os.path.join(ROOT, "tests", script), path))
     if proc.returncode != 0:
-        raise AssertionError(f"embed_models at tp={tp} failed:\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{script} at tp={tp} failed:\n{proc.stderr[-4000:]}")
 
 
 def cosines(a, b):

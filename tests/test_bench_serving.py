@@ -1,5 +1,6 @@
 """Tests for benchmarks/bench_serving.py: pure arithmetic, CLI parsing, and
-end-to-end runs against a fake OpenAI embeddings server on loopback."""
+end-to-end runs against a fake OpenAI embeddings server on loopback, and (--mode rerank)
+against fake rerank servers, well-behaved and not."""
 
 import base64
 import hashlib
@@ -87,6 +88,74 @@ def test_decode_response_places_rows_by_index_and_rejects_bad_bodies():
         bs.decode_response({"object": "error"}, 1)
 
 
+DOCS = ["d0", "d1", "d2", "d3"]
+
+
+def results(*pairs, documents=None):
+    return {"id": "r", "model": MODEL, "usage": {"total_tokens": 9},
+            "results": [{"index": i, "relevance_score": v} | ({"document": documents[i]} if documents else {})
+                        for i, v in pairs]}
+
+
+def test_decode_rerank_response_accepts_the_contract():
+    assert bs.decode_rerank_response(results((2, 0.9), (0, 0.5), (3, 0.5), (1, -3)), DOCS) == [
+        (2, 0.9), (0, 0.5), (3, 0.5), (1, -3.0)]  # ties allowed, ints are scores too
+    assert bs.decode_rerank_response(results((1, 0.7), (3, 0.1)), DOCS, top_n=2) == [(1, 0.7), (3, 0.1)]
+    assert len(bs.decode_rerank_response(results((1, 0.7), (0, 0.1)), DOCS[:2], top_n=9)) == 2  # top_n > N: all
+    with_text = results((1, 0.7), (0, 0.1), documents=[{"text": "d0"}, {"text": "d1"}])
+    assert bs.decode_rerank_response(with_text, DOCS[:2], return_documents=True) == [(1, 0.7), (0, 0.1)]
+    bare = results((1, 0.7), (0, 0.1), documents=["d0", "d1"])  # Infinity's form
+    assert bs.decode_rerank_response(bare, DOCS[:2], return_documents=True) == [(1, 0.7), (0, 0.1)]
+    assert bs.expected_rerank_results(5) == 5 and bs.expected_rerank_results(5, 0) == 5  # vLLM: 0 means all
+    assert bs.expected_rerank_results(5, 2) == 2 and bs.expected_rerank_results(5, True) == 5
+
+
+@pytest.mark.parametrize("payload, documents, kwargs, reason", [
+    ({"error": {"message": "no"}}, DOCS, {}, "format"),
+    ({"results": {"index": 0}}, DOCS, {}, "format"),
+    ({"results": [{"index": 0}]}, DOCS[:1], {}, "format"),
+    ([], DOCS, {}, "format"),
+    (results((0, 0.9), (1, 0.8), (2, 0.7)), DOCS, {}, "count"),  # one result missing
+    (results((0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)), DOCS, {"top_n": 2}, "count"),  # top_n ignored
+    (results((0, 0.9), (0, 0.8), (2, 0.7), (3, 0.6)), DOCS, {}, "index"),  # duplicate
+    (results((0, 0.9), (4, 0.8), (2, 0.7), (3, 0.6)), DOCS, {}, "index"),  # out of range
+    (results((0, 0.9), (-1, 0.8)), DOCS[:2], {}, "index"),
+    (results((0, 0.9), (True, 0.8)), DOCS[:2], {}, "index"),
+    (results((0, 0.9), ("1", 0.8)), DOCS[:2], {}, "index"),
+    (results((0, math.nan), (1, 0.8)), DOCS[:2], {}, "score"),
+    (results((0, math.inf), (1, 0.8)), DOCS[:2], {}, "score"),
+    (results((0, "0.9"), (1, 0.8)), DOCS[:2], {}, "score"),
+    (results((0, 0.1), (1, 0.8)), DOCS[:2], {}, "order"),  # ascending
+    (results((0, 0.9), (1, 0.8), (2, 0.85)), DOCS[:3], {}, "order"),
+    (results((0, 0.9), (1, 0.8)), DOCS[:2], {"return_documents": True}, "document"),  # none returned
+    (results((0, 0.9), (1, 0.8), documents=[{"text": "d1"}, {"text": "d0"}]), DOCS[:2],
+     {"return_documents": True}, "document"),  # swapped
+])
+def test_decode_rerank_response_rejects(payload, documents, kwargs, reason):
+    with pytest.raises(bs.BadResponse) as exc:
+        bs.decode_rerank_response(payload, documents, **kwargs)
+    assert str(exc.value) == reason
+
+
+def test_usage_tokens():
+    both = {"usage": {"prompt_tokens": 3, "total_tokens": 7}}
+    assert bs.usage_tokens(both) == 3 and bs.usage_tokens(both, "rerank") == 7
+    assert bs.usage_tokens({"usage": {"prompt_tokens": 3}}, "rerank") == 3  # only prompt_tokens given
+    assert bs.usage_tokens({"usage": {"total_tokens": 7}}) is None  # embed reads prompt_tokens only
+    for payload in ({}, {"usage": None}, {"usage": {"total_tokens": "7"}}, {"usage": {"total_tokens": True}}):
+        assert bs.usage_tokens(payload, "rerank") is None
+
+
+def test_load_queries(tmp_path):
+    queries = bs.load_queries(None, seed=0)
+    assert queries == bs.load_queries(None, seed=0) and len(queries) == bs.DEFAULT_NUM_SYNTHETIC_QUERIES
+    assert all(3 <= len(q.split()) <= 12 for q in queries)
+    assert queries[:5] != bs.synthetic_texts(5, 3, 12, seed=0)  # not the documents' draw
+    path = tmp_path / "q.txt"
+    path.write_text("what is a cat\n\nwhere is the sea\n", encoding="utf-8")
+    assert bs.load_queries(str(path)) == ["what is a cat", "where is the sea"]
+
+
 def test_cosine_similarities():
     a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
@@ -143,6 +212,16 @@ def test_parse_sweeps():
     assert bs.parse_args(["--duration", "5"]).num_requests is None
 
 
+def test_parse_modes():
+    embed = bs.parse_args([])
+    assert embed.mode == "embed" and embed.encoding_format == "float"  # embed mode as before
+    rerank = bs.parse_args(["--mode", "rerank", "--inputs-per-request", "10,100", "--top-n", "3"])
+    assert rerank.mode == "rerank" and rerank.rerank_path == "/v1/rerank" and rerank.inputs_per_request == [10, 100]
+    assert rerank.encoding_format is None and rerank.top_n == 3 and rerank.return_documents is False
+    assert bs.parse_args(["--mode", "rerank", "--rerank-path", "rerank"]).rerank_path == "/rerank"
+    assert "documents per request" in bs.build_parser().format_help()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--images", "synthetic:64"], "WIDTHxHEIGHT"),
     (["--images", "synthetic:0x5"], "WIDTHxHEIGHT"),
@@ -156,6 +235,15 @@ def test_parse_sweeps():
     (["--encoding-format", "int8"], "invalid choice"),
     (["--duration", "5", "--num-requests", "3"], "not allowed with"),
     (["--synthetic-min-words", "10", "--synthetic-max-words", "5"], "--synthetic-max-words must be"),
+    (["--mode", "score"], "invalid choice"),
+    (["--mode", "rerank", "--check", "ref.npy"], "--check is for --mode embed only"),
+    (["--mode", "rerank", "--images", "synthetic"], "--images is for --mode embed only"),
+    (["--mode", "rerank", "--dimensions", "8"], "--dimensions is for --mode embed only"),
+    (["--mode", "rerank", "--encoding-format", "float"], "--encoding-format is for --mode embed only"),
+    (["--mode", "rerank", "--top-n", "0"], "--top-n must be >= 1"),
+    (["--queries", "q.txt"], "--queries is for --mode rerank only"),
+    (["--top-n", "3"], "--top-n is for --mode rerank only"),
+    (["--return-documents"], "--return-documents is for --mode rerank only"),
 ])
 def test_bad_arguments_give_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -280,6 +368,7 @@ def test_end_to_end_sweep_with_check(encoding_format, dataset, tmp_path):
             "--plot", str(tmp_path / "plot.png")])
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["model"] == MODEL  # taken from GET /v1/models
+    assert saved["config"]["mode"] == "embed" and {p["mode"] for p in saved["points"]} == {"embed"}
     assert saved["software"]["server"]["/version"] == {"version": "0.0-fake"}
     assert saved["machine"]["cpu_count"] >= 1 and "numpy" in saved["software"]["client"]
     points = saved["points"]
@@ -397,3 +486,172 @@ def test_end_to_end_with_image_items(tmp_path):
     assert header == "data:image/jpeg;base64"
     with Image.open(io.BytesIO(base64.b64decode(data))) as im:
         assert im.size == (32, 24)
+
+
+# ---------------------------------------------------------------------------
+# --mode rerank against fake rerank servers
+# ---------------------------------------------------------------------------
+
+def fake_score(query: str, document: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{query}\0{document}".encode()).digest()[:4], "little") / 2**32
+
+
+def rerank_tokens(query: str, documents: list[str]) -> int:
+    """The fake servers' usage.total_tokens: the words of every (query, document) pair."""
+    return sum(len(query.split()) + len(d.split()) for d in documents)
+
+
+def make_rerank_app(path="/v1/rerank", fault=None, fault_texts=(), usage=True, received=None):
+    """The rerank contract: results sorted by relevance_score, cut to top_n, documents when asked, usage.
+    A request holding any of fault_texts gets `fault` instead: "unsorted", "missing" (a result short),
+    "duplicate" (an index twice), "nan" (a score), "no_results" (no results field), "wrong_document",
+    or "error" (500 with an error object). Every request body is appended to `received`."""
+    received = [] if received is None else received
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.post(path)
+    async def rerank(request: Request):
+        body = await request.json()
+        received.append(body)
+        if body.get("model") != MODEL or not isinstance(body.get("query"), str):
+            return JSONResponse({"error": {"message": "bad request", "type": "invalid_request_error"}}, 400)
+        query, documents = body["query"], body["documents"]
+        faulty = fault if any(d in fault_texts for d in documents) else None
+        if faulty == "error":
+            return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": 500}}, 500)
+        items = sorted(({"index": i, "relevance_score": fake_score(query, d)} for i, d in enumerate(documents)),
+                       key=lambda item: -item["relevance_score"])
+        items = items[:body["top_n"]] if body.get("top_n") else items
+        if body.get("return_documents"):
+            for item in items:
+                item["document"] = {"text": documents[item["index"]]}
+        if faulty == "unsorted":
+            items.reverse()
+        elif faulty == "missing":
+            items.pop()
+        elif faulty == "duplicate":
+            items[1]["index"] = items[0]["index"]
+        elif faulty == "nan":
+            items[0]["relevance_score"] = math.nan
+        elif faulty == "wrong_document":
+            items[0]["document"] = {"text": "something else"}
+        payload = {"id": "rerank-1", "model": MODEL, "results": items}
+        if faulty == "no_results":
+            payload = {"id": "rerank-1", "model": MODEL}
+        if usage:
+            # prompt_tokens differs on purpose: rerank tokens/s must come from total_tokens
+            payload["usage"] = {"total_tokens": rerank_tokens(query, documents), "prompt_tokens": 1}
+        # json.dumps, not JSONResponse: the latter refuses NaN, which a broken server may well send
+        return Response(json.dumps(payload), media_type="application/json")
+
+    return app
+
+
+def rerank_argv(base_url, dataset_path, *extra):
+    return ["--mode", "rerank", "--base-url", base_url, "--dataset", dataset_path, "--no-progress", *extra]
+
+
+def test_rerank_end_to_end_sweep(dataset, tmp_path):
+    texts, dataset_path, _ = dataset
+    received = []
+    with ServerThread(make_rerank_app(received=received)) as base_url:
+        result = bs.main(rerank_argv(base_url, dataset_path, "--inputs-per-request", "1,5", "--concurrency", "1,3",
+                                     "--request-rate", "inf,400", "--num-requests", "12", "--warmup-requests", "2",
+                                     "--output-json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "p.png")))
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["model"] == MODEL and saved["config"]["mode"] == "rerank"
+    assert saved["config"]["rerank_path"] == "/v1/rerank" and saved["config"]["check"] is None
+    assert saved["num_texts"] == 24 and saved["num_queries"] == bs.DEFAULT_NUM_SYNTHETIC_QUERIES
+    queries = bs.load_queries(None, seed=0)
+    assert len(saved["points"]) == 8 == len(result["points"])
+    for p in saved["points"]:
+        ipr = p["inputs_per_request"]
+        assert p["mode"] == "rerank" and p["encoding_format"] is None and p["return_documents"] is False
+        assert p["num_requests"] == 12 and p["num_errors"] == 0 and p["errors"] == {}, p
+        assert p["inputs_per_s"] == pytest.approx(p["requests_per_s"] * ipr)  # documents/s
+        assert p["checked_vectors"] == 0 and p["mismatches"] is None
+        # usage.total_tokens of requests 2..13 (after 2 warm-ups), whatever order they ran in
+        expected = sum(rerank_tokens(queries[n % len(queries)], [texts[i] for i in bs.request_indices(n, ipr, 24)])
+                       for n in range(2, 14))
+        assert p["prompt_tokens"] == expected and p["requests_without_usage"] == 0
+        assert p["tokens_per_s"] == pytest.approx(expected / p["wall_time_s"])
+    assert len(received) == 8 * 14
+    for body in received:
+        assert set(body) == {"model", "query", "documents", "return_documents"}  # no top_n, no encoding_format
+        assert body["return_documents"] is False and body["query"] in queries
+        assert len(body["documents"]) in (1, 5) and set(body["documents"]) <= set(texts)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_rerank_path_queries_top_n_and_documents(dataset, tmp_path):
+    """A server at /rerank only (vLLM's short route), --queries from a file, top_n and return_documents."""
+    texts, dataset_path, _ = dataset
+    queries = ["first query", "second query here", "third"]
+    (tmp_path / "q.txt").write_text("\n".join(queries) + "\n", encoding="utf-8")
+    received = []
+    with ServerThread(make_rerank_app(path="/rerank", received=received)) as base_url:
+        result = bs.main(rerank_argv(base_url, dataset_path, "--rerank-path", "/rerank", "--queries",
+                                     str(tmp_path / "q.txt"), "--inputs-per-request", "4", "--top-n", "2",
+                                     "--return-documents", "--num-requests", "7", "--warmup-requests", "1",
+                                     "--extra-body", '{"truncate_prompt_tokens": 64}'))
+        default_path = bs.main(rerank_argv(base_url, dataset_path, "--num-requests", "3", "--warmup-requests", "0"))
+    (point,) = result["points"]
+    assert point["num_errors"] == 0 and point["top_n"] == 2 and point["return_documents"] is True
+    assert point["inputs_per_s"] == pytest.approx(4 * point["requests_per_s"])  # documents sent, not returned
+    assert [b["query"] for b in received[:8]] == [queries[n % 3] for n in range(8)]  # concurrency 1: in order
+    assert all(b["top_n"] == 2 and b["return_documents"] is True and b["truncate_prompt_tokens"] == 64
+               for b in received[:8])
+    assert default_path["points"][0]["errors"] == {"404": 3}  # nothing at /v1/rerank there
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("unsorted", "bad_response:order"),
+    ("missing", "bad_response:count"),
+    ("duplicate", "bad_response:index"),
+    ("nan", "bad_response:score"),
+    ("no_results", "bad_response:format"),
+    ("error", "500"),
+])
+def test_rerank_malformed_responses_count_as_errors(fault, error, dataset):
+    texts, dataset_path, _ = dataset
+    # 2 documents a request: warm-up request 0 = texts 0, 1; timed requests 1..12 = texts 2, 3 ... 22, 23, 0, 1.
+    # texts[0] is in the warm-up (not counted) and the last timed request; texts[6] in timed request 3.
+    with ServerThread(make_rerank_app(fault=fault, fault_texts={texts[0], texts[6]})) as base_url:
+        result = bs.main(rerank_argv(base_url, dataset_path, "--inputs-per-request", "2", "--concurrency", "2",
+                                     "--num-requests", "12", "--warmup-requests", "1"))
+    (point,) = result["points"]
+    assert point["errors"] == {error: 2}
+    assert point["num_ok"] == 10 and point["num_errors"] == 2
+    assert point["inputs_per_s"] == pytest.approx(20 / point["wall_time_s"])  # successful requests only
+
+
+def test_rerank_wrong_document_is_an_error_only_when_documents_were_asked_for(dataset):
+    texts, dataset_path, _ = dataset
+    with ServerThread(make_rerank_app(fault="wrong_document", fault_texts={texts[6]})) as base_url:
+        argv = rerank_argv(base_url, dataset_path, "--inputs-per-request", "2", "--num-requests", "12",
+                           "--warmup-requests", "0")
+        asked = bs.main(argv + ["--return-documents"])
+        not_asked = bs.main(argv)
+    assert asked["points"][0]["errors"] == {"bad_response:document": 1}
+    assert not_asked["points"][0]["num_errors"] == 0  # no documents asked: the fault adds a stray one only
+
+
+def test_rerank_without_usage_reports_tokens_missing(dataset, capsys):
+    _, dataset_path, _ = dataset
+    with ServerThread(make_rerank_app(usage=False)) as base_url:
+        result = bs.main(rerank_argv(base_url, dataset_path, "--inputs-per-request", "3", "--num-requests", "5",
+                                     "--warmup-requests", "1"))
+    (point,) = result["points"]
+    assert point["num_errors"] == 0 and point["num_ok"] == 5
+    assert point["tokens_per_s"] is None and point["prompt_tokens"] is None
+    assert point["requests_without_usage"] == 5
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[6] == "-"  # the tok/s column

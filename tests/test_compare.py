@@ -1,6 +1,7 @@
 """Tests for benchmarks/compare.py: argument handling and result arithmetic on synthetic runs, the
-sentence-transformers worker, and an end-to-end comparison of two fake OpenAI embeddings servers
-that compare.py starts and stops itself (this file, run as a script, is the fake server)."""
+sentence-transformers worker (embed and rerank), and end-to-end comparisons of two fake OpenAI embeddings
+servers, then fake rerank servers and the st peer's CrossEncoder, that compare.py starts and stops itself
+(this file, run as a script, is the fake server)."""
 
 import argparse
 import hashlib
@@ -82,6 +83,10 @@ def test_extra_body_replaces_the_preset_and_leaves_it_unchanged():
     (["--peer", "b=serve {port}", "--images", "synthetic", "--check"], "--check compares"),
     (["--peer", "b=serve {port}", "--images", "synthetic:7"], "WIDTHxHEIGHT"),
     (["--peer", "b=serve {port}", "--images", "synthetic", "--dataset", "t.txt"], "alternatives"),
+    (["--peer", "st", "--mode", "classify"], "invalid choice"),
+    (["--peer", "st", "--mode", "rerank", "--check"], "--check compares embedding vectors"),
+    (["--peer", "b=serve {port}", "--mode", "rerank", "--images", "synthetic"], "--images is for --mode embed only"),
+    (["--peer", "st", "--queries", "q.txt"], "--queries is for --mode rerank only"),
 ])
 def test_bad_arguments_give_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -93,6 +98,15 @@ def test_bad_arguments_give_argparse_errors(argv, message, capsys):
 def test_every_flag_has_help():
     for action in compare.build_parser()._actions:
         assert action.help, action.option_strings
+
+
+def test_rerank_mode_arguments():
+    assert compare.parse_args(["--peer", "st"]).mode == "embed"
+    args = compare.parse_args(["--peer", "st", "--peer", "vllm", "--mode", "rerank", "--rerank-path", "rerank",
+                               "--queries", "q.txt", "--inputs-per-request", "10,100"])
+    assert args.mode == "rerank" and args.rerank_path == "/rerank" and args.queries == "q.txt"
+    assert compare.grid(args.inputs_per_request, args.concurrency) == [(10, 1), (10, 8), (100, 1), (100, 8)]
+    assert compare.parse_args(["--peer", "st", "--mode", "rerank"]).rerank_path == "/v1/rerank"
 
 
 # ---------------------------------------------------------------------------
@@ -150,6 +164,23 @@ def test_format_table_aligns_columns_and_marks_missing_values():
     assert lines[0].split()[:3] == ["ipr", "conc", "peer"]
     assert lines[1].split() == ["1", "1", "st", "10.0", "-", "-", "1.0", "-", "-", "2", "-"]
     assert lines[2].split() == ["32", "8", "vllm", "1234.6", "617.3", "2.00", "7.2", "14.5", "0.50", "0", "1"]
+
+
+def test_format_markdown_rerank():
+    m = compare.medians([run("ours", 10, 1, 900.0, 11.0), run("st", 10, 1, 300.0, 33.0)])
+    rows = compare.ratio_rows(m, [(10, 1)], ["st"])
+    result = {"started_at": "2026-01-01T00:00:00+00:00", "model_dir": "/models/bge-reranker-base",
+              "num_texts": 2000, "num_queries": 100, "machine": {"cpu_model": "Test CPU", "cpu_count_usable": 2},
+              "config": {"mode": "rerank", "rerank_path": "/v1/rerank", "queries": None, "dataset": None,
+                         "synthetic_min_words": 5, "synthetic_max_words": 200, "encoding_format": "float",
+                         "num_requests": 200, "warmup_requests": 10, "rounds": 3},
+              "servers": {"ours": {"versions": {"tp-embed": "0.1.0"}}, "st": {"versions": {}}}}
+    lines = compare.format_markdown(rows, result).splitlines()
+    assert ("bge-reranker-base, float32, rerank requests to /v1/rerank of one query (100 synthetic queries) and "
+            "ipr documents from 2000 synthetic texts of 5-200 words; 200 timed requests") in lines[0]
+    assert "float responses" not in lines[0]
+    assert "| 10 | 1 | st | 900.0 | 300.0 | 3.00 | 11.0 | 33.0 | 0.33 | 0 | - |" in lines
+    assert any(line.startswith("ipr: documents per request") and "CrossEncoder.predict" in line for line in lines)
 
 
 def test_format_markdown():
@@ -215,6 +246,74 @@ def test_st_run_point_times_each_call_and_counts_tokens():
     assert point["prompt_tokens"] == 11  # requests 1, 2, 3: texts 2,3 0,1 2,3 = 3+1 2+1 3+1 words
     assert point["inputs_per_s"] == pytest.approx(6 / point["wall_time_s"])
     assert point["latency_p50_ms"] >= 2.0
+
+
+class FakeReranker:
+    """Stands in for StReranker: records rank() calls; 'tokens' are words."""
+
+    def __init__(self):
+        self.calls = []
+
+    def rank(self, query, documents):
+        self.calls.append((query, list(documents)))
+        time.sleep(0.002)
+        return list(range(len(documents)))
+
+    def count_tokens(self, query, documents):
+        return sum(len(query.split()) + len(d.split()) for d in documents)
+
+
+def test_st_rerank_point_sends_bench_servings_requests():
+    texts = ["a b", "c", "d e f", "g", "h i"]
+    queries = ["q one", "q two", "q three"]
+    reranker = FakeReranker()
+    point = compare.st_rerank_point(reranker, texts, queries, inputs_per_request=2, num_requests=4,
+                                    warmup_requests=1)
+    # request n: query n % 3, documents n*2, n*2+1 (wrapping), as bench_serving's run_point builds them
+    assert reranker.calls == [("q one", ["a b", "c"]), ("q two", ["d e f", "g"]), ("q three", ["h i", "a b"]),
+                              ("q one", ["c", "d e f"]), ("q two", ["g", "h i"])]
+    assert point["mode"] == "rerank" and point["concurrency"] == 1 and point["inputs_per_request"] == 2
+    assert point["num_requests"] == 4 and point["num_ok"] == 4
+    assert point["inputs_per_s"] == pytest.approx(8 / point["wall_time_s"])  # documents/s
+    # timed requests only: q two + d e f, g; q three + h i, a b; q one + c, d e f; q two + g, h i (in words)
+    assert point["prompt_tokens"] == (5 + 3) + (4 + 4) + (3 + 5) + (3 + 4)
+    assert point["latency_p50_ms"] >= 2.0
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_dir(minilm_dir, tmp_path_factory) -> str:
+    """A random one-label BertForSequenceClassification (hidden 32, 1 layer) with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    path = str(tmp_path_factory.mktemp("cross-encoder"))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_st_reranker_with_an_embedding_model_ranks_by_cosine(minilm_dir, cross_encoder_dir):
+    assert compare.is_cross_encoder(cross_encoder_dir) and not compare.is_cross_encoder(minilm_dir)
+    assert not compare.is_cross_encoder("/no/such/dir")
+    reranker = compare.StReranker(minilm_dir)
+    documents = ["the weather is cold today", "how to bake bread at home", "a recipe for baking bread"]
+    scores = reranker.scores("baking bread", documents)
+    assert scores.shape == (3,) and scores[0] < min(scores[1], scores[2])
+    assert reranker.rank("baking bread", documents)[-1] == 0
+    assert reranker.rank(documents[0], documents)[0] == 0  # cosine 1 with itself
+    assert reranker.count_tokens("baking bread", documents[:1]) == (2 + 2) + (5 + 2)  # words + [CLS] [SEP] per text
+
+
+def test_in_process_peer_rerank_needs_queries(tmp_path):
+    """The worker's rerank mode itself runs in test_end_to_end_rerank_with_fake_servers_and_the_st_cross_encoder."""
+    with pytest.raises(ValueError, match="queries"):
+        compare.InProcessPeer(compare.ServerSpec("st", sys.executable), "/m", str(tmp_path), "t.json", "rerank")
+    peer = compare.InProcessPeer(compare.ServerSpec("st", "/py"), "/m", str(tmp_path), "t.json", "rerank", "q.json")
+    assert peer.argv[2:] == [compare.ST_WORKER, "/m", "t.json", "rerank", "q.json"]
+    assert compare.InProcessPeer(compare.ServerSpec("st", "/py"), "/m", str(tmp_path), "t.json").argv[-1] == "t.json"
 
 
 def test_st_worker_protocol_with_the_real_model(minilm_dir, tmp_path):
@@ -306,6 +405,19 @@ def serve(port: int, delay_s: float, required: dict) -> None:
         return {"object": "list", "model": MODEL, "data": data,
                 "usage": {"prompt_tokens": len(body["input"]), "total_tokens": len(body["input"])}}
 
+    @app.post("/v1/rerank")
+    async def rerank(request: Request):
+        body = await request.json()
+        if (body.get("model") != MODEL or not isinstance(body.get("query"), str) or body.get("return_documents")
+                is not False or any(body.get(k) != v for k, v in required.items())):
+            return JSONResponse({"error": {"message": f"bad body {body}"}}, status_code=400)
+        await asyncio.sleep(delay_s)
+        scores = [fake_vector(body["query"] + document)[0] for document in body["documents"]]
+        results = sorted(({"index": i, "relevance_score": v} for i, v in enumerate(scores)),
+                         key=lambda r: -r["relevance_score"])
+        return {"id": "rerank", "model": MODEL, "results": results,
+                "usage": {"total_tokens": len(body["documents"]) + 1}}
+
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -349,6 +461,43 @@ def test_end_to_end_against_fake_servers(tmp_path, capsys):
     assert "| 4 | 2 | slow |" in (tmp_path / "out.md").read_text()
     for name in ("ours", "slow", "broken"):
         assert (tmp_path / "logs" / f"{name}.log").exists()
+
+
+
+def test_end_to_end_rerank_with_fake_servers_and_the_st_cross_encoder(cross_encoder_dir, tmp_path, capsys):
+    fake = f"{{python}} {THIS_FILE} serve --port {{port}}"
+    queries = ["what is this", "which one", "a third query"]
+    (tmp_path / "q.txt").write_text("\n".join(queries) + "\n")
+    result = compare.main([
+        "--mode", "rerank", "--model-dir", cross_encoder_dir, "--queries", str(tmp_path / "q.txt"),
+        "--ours", fake, "--peer", f"slow={fake} --delay-ms 40 --require truncate_prompt_tokens=256", "--peer", "st",
+        "--extra-body", 'slow={"truncate_prompt_tokens": 256}',
+        "--inputs-per-request", "3", "--concurrency", "1,2", "--rounds", "2", "--num-texts", "20",
+        "--num-requests", "4", "--warmup-requests", "1", "--no-progress", "--startup-timeout", "60",
+        "--log-dir", str(tmp_path / "logs"), "--output-json", str(tmp_path / "out.json"),
+        "--output-markdown", str(tmp_path / "out.md")])
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["config"]["mode"] == "rerank" and saved["num_queries"] == 3
+    assert json.loads((tmp_path / "logs" / "queries.json").read_text()) == queries
+    order = [(r["concurrency"], r["round"], r["server"]) for r in saved["runs"]]
+    assert order == [(1, 0, "ours"), (1, 0, "slow"), (1, 0, "st"), (1, 1, "ours"), (1, 1, "slow"), (1, 1, "st"),
+                     (2, 0, "ours"), (2, 0, "slow"), (2, 1, "ours"), (2, 1, "slow")]
+    for r in saved["runs"]:
+        assert r["mode"] == "rerank" and r["inputs_per_request"] == 3, r
+        assert r["num_requests"] == 4 and r["num_errors"] == 0, r  # the fake servers got well-formed reranks
+        assert r["inputs_per_s"] == pytest.approx(r["requests_per_s"] * 3)
+        if r["server"] == "st":  # the cross-encoder's tokenizer on the pairs
+            assert r["prompt_tokens"] > 4 * 3 * 4
+        else:  # the fake servers' usage.total_tokens: documents + 1 per request
+            assert r["prompt_tokens"] == 4 * 4
+    assert {(row["peer"], row["concurrency"]) for row in result["ratios"]} == {("slow", 1), ("slow", 2), ("st", 1)}
+    for row in result["ratios"]:
+        if row["peer"] == "slow":  # 40 ms per request against none
+            assert row["inputs_per_s_ratio"] > 1.5 and row["p50_ratio"] < 0.67
+    assert "sentence-transformers" in saved["servers"]["st"]["versions"]
+    assert "| 3 | 1 | st |" in (tmp_path / "out.md").read_text()
+    assert "ipr: documents per request" in (tmp_path / "out.md").read_text()
+    capsys.readouterr()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 def test_presets_exist():
     names = {os.path.basename(p)[:-5] for p in PRESETS}
     assert {"e5-mistral-7b-instruct", "gte-Qwen2-7B-instruct", "Qwen3-Embedding-0.6B", "Qwen3-Embedding-4B",
-            "Qwen3-Embedding-8B", "bge-large-en-v1.5", "bge-m3", "all-MiniLM-L6-v2"} <= names
+            "Qwen3-Embedding-8B", "bge-large-en-v1.5", "bge-m3", "all-MiniLM-L6-v2", "Qwen3-Reranker-0.6B",
+            "Qwen3-Reranker-4B", "Qwen3-Reranker-8B", "bge-reranker-v2-m3", "ms-marco-MiniLM-L-6-v2"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: os.path.basename(p))
@@ -27,9 +28,14 @@ def test_preset_parses(path):
     add_engine_args(p)
     args = parse_with_config(p, ["--config", path])
     preset = json.load(open(path))
-    # CLIP pools itself (texts at the end-of-text token, images at the class token): no pooling to set
-    assert args.pooling in ("last", "mean", "cls") or preset.get("_architecture") == "CLIPModel"
-    assert args.normalize is True
+    if "embed" not in preset.get("_tasks", ["embed"]):
+        # cross-encoders and rerankers: their head reads its token, and scores are not vectors to normalize
+        assert args.pooling is None and args.normalize is None
+        assert set(preset["_tasks"]) <= {"score", "rerank", "classify"}
+    else:
+        # CLIP pools itself (texts at the end-of-text token, images at the class token): no pooling to set
+        assert args.pooling in ("last", "mean", "cls") or preset.get("_architecture") == "CLIPModel"
+        assert args.normalize is True
     assert args.model_path == preset["model-path"]
     # the command line wins over the preset
     assert parse_with_config(p, ["--config", path, "--pooling", "mean"]).pooling == "mean"
