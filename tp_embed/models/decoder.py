@@ -113,20 +113,37 @@ class DecoderClassifier(DecoderModel):
     """A decoder that scores: *ForSequenceClassification (its `score` matrix on the last token), or a causal
     LM read as a reranker (vLLM's `classifier_from_token`: only the LM head's rows of those tokens are
     loaded, e.g. Qwen3-Reranker's "no" and "yes"). Returns logits float32 [num_seqs, num_labels]; with two
-    tokens, the one logit logit(t1) - logit(t0), whose sigmoid is their two-way softmax."""
+    tokens, the one logit logit(t1) - logit(t0), whose sigmoid is their two-way softmax.
+
+    Which token: a reranker's last (the end of its prompt); a *ForSequenceClassification's last that is not
+    the pad token, as transformers picks it (a tokenizer that appends its pad token as EOS pools before it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         head = cfg.head
         self.score = ReplicatedLinear(cfg.hidden_size, len(head.token_ids) or head.num_labels)
+        self.pad_token_id = None
         if head.token_ids:
             self.score.weight.weight_loader = token_rows_loader(head.token_ids)
             if getattr(cfg.hf_config, "tie_word_embeddings", False):
                 self.score.weight.tied_to = "embed_tokens.weight"  # the LM head is the embedding table
+        else:
+            self.pad_token_id = getattr(cfg.hf_config, "pad_token_id", None)
+
+    def pooled_rows(self, batch: Batch) -> torch.Tensor:
+        """Each sequence's row: its last token, or its last that is not the pad token (its first if all are)."""
+        cu = batch.cu_seqlens.long()
+        if self.pad_token_id is None:
+            return cu[1:] - 1
+        lengths = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+        index = torch.arange(batch.num_tokens, device=cu.device)
+        keep = torch.where(batch.input_ids.long() != self.pad_token_id, index, cu[:-1][seq])
+        return cu[:-1].clone().scatter_reduce_(0, seq, keep, "amax")
 
     def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
         hidden = super().forward(batch, attention_backend)
-        last = hidden[batch.cu_seqlens[1:].long() - 1].float()
+        last = hidden[self.pooled_rows(batch)].float()
         logits = F.linear(last, self.score.weight.float())
         if len(self.cfg.head.token_ids) == 2:
             logits = logits[:, 1:] - logits[:, :1]
