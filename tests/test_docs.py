@@ -210,6 +210,9 @@ TESTED_FAMILIES = {
     "XLM-RoBERTa": {"tests/test_models.py"},
     "CLIP": {"tests/test_clip.py", "tests/test_server_images.py"},
     "Qwen2-VL": {"tests/test_gme.py", "tests/test_server_images.py"},
+    "BERT cross-encoder / classifier": {"tests/test_rerank.py", "tests/test_server_rerank.py"},
+    "XLM-RoBERTa cross-encoder / classifier": {"tests/test_rerank.py"},
+    "Decoder reranker / classifier": {"tests/test_rerank.py", "tests/test_server_rerank.py"},
 }
 
 
@@ -244,7 +247,8 @@ def test_models_md_lists_the_tested_families():
             assert Path(REPO, f).is_file(), f"{family}: {f} does not exist"
         # every test case or function the cell names in backticks exists in those tests or the tiny
         # checkpoints they build
-        sources = "".join(Path(REPO, f).read_text() for f in named | {"tests/tiny_models.py", "tests/tiny_clip.py"})
+        sources = "".join(Path(REPO, f).read_text()
+                          for f in named | {"tests/tiny_models.py", "tests/tiny_clip.py", "tests/tiny_rerankers.py"})
         for ident in re.findall(r"`([a-z_][a-z0-9_]*)`", row["test"]):
             assert ident in sources, f"{family}: `{ident}` is named in docs/models.md but in none of {sorted(named)}"
         documented_archs |= set(re.findall(r"`([A-Z]\w+)`", row["architectures in config.json"]))

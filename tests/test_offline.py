@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+import tiny_rerankers as tr
 from dist_utils import ROOT, run, torchrun_cmd
 from tiny_models import MIXED_TEXTS
-from tp_embed.offline import load_input, read_texts
+from tp_embed.offline import holds_pairs, load_input, read_pairs, read_texts
 
 
 def test_read_texts_lines_and_jsonl(tmp_path):
@@ -35,9 +36,41 @@ def test_a_bad_jsonl_line_is_named(tmp_path, content, message):
     assert str(e.value).startswith(f"{path}, {message}")
 
 
+def test_read_pairs_and_what_load_input_reads(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "q", "document": "d", "id": 7}\n\n{"text_1": "a", "text_2": "b"}\n')
+    assert read_pairs(str(path)) == [("q", "d"), ("a", "b")] and holds_pairs(str(path))
+
+    class Args:
+        input, output, task = str(path), str(tmp_path / "out.npy"), None
+
+    assert load_input(Args) == [("q", "d"), ("a", "b")]  # a .jsonl of pairs is scored
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "a"}\n')
+    Args.input = str(texts)
+    assert not holds_pairs(str(texts)) and load_input(Args) == ["a"]
+    Args.task = "score"
+    with pytest.raises(ValueError, match='line 1: expected an object with non-empty string "query"'):
+        load_input(Args)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"query": "q"}\n', "line 1: expected an object"),
+    ('{"query": "q", "document": ""}\n', "line 1: expected an object"),
+    ('{"query": "q", "document": "d"}\nnope\n', "line 2: not valid JSON"),
+])
+def test_a_bad_pair_line_is_named(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_pairs(str(path))
+    with pytest.raises(ValueError, match="reads a .jsonl file"):
+        read_pairs(str(tmp_path / "pairs.txt"))
+
+
 def test_load_input_checks_the_texts_and_the_output_directory(tmp_path):
     class Args:
-        input, output = str(tmp_path / "t.txt"), str(tmp_path / "out.npy")
+        input, output, task = str(tmp_path / "t.txt"), str(tmp_path / "out.npy"), None
 
     (tmp_path / "t.txt").write_text("")
     with pytest.raises(ValueError, match="holds no texts"):
@@ -92,3 +125,36 @@ def test_one_process_shows_progress_and_data_parallel_ranks_write_one_equal_outp
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("wrote ") == 1 and "embedding:" not in proc.stderr
     np.testing.assert_allclose(np.load(dp), np.load(one), atol=1e-5)
+
+
+def test_scores_pairs_and_classifies_texts_at_dp_2(tmp_path):
+    """--task score on a .jsonl of pairs (the default for a cross-encoder) through two data-parallel groups:
+    CrossEncoder's scores; --task classify on texts: transformers' probabilities; a task the model does not serve
+    and texts given to --task score are errors."""
+    ce = tr.make_bert_cross_encoder(str(tmp_path / "ce"))
+    pairs = [("what is a cat", t) for t in MIXED_TEXTS]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(f'{{"query": "{q}", "document": {json_string(d)}}}\n' for q, d in pairs))
+    out = tmp_path / "scores.npy"
+    proc = run(torchrun_cmd(2, "-m", "tp_embed.offline", "--dp", "2", "--max-batch-tokens", "128", "--no-progress",
+                            "--model-path", ce, "--input", str(path), "--output", str(out)))
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(out), tr.cross_encoder_scores(ce, pairs), atol=1e-5)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(t.replace("\n", " ") + "\n" for t in MIXED_TEXTS))
+    proc = run([sys.executable, "-m", "tp_embed.offline", "--no-progress", "--model-path", ce, "--task", "classify",
+                "--input", str(texts), "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    lines = texts.read_text().splitlines()
+    np.testing.assert_allclose(np.load(out), tr.classifier_probs(ce, lines), atol=1e-5)
+    proc = run([sys.executable, "-m", "tp_embed.offline", "--no-progress", "--model-path", ce, "--task", "embed",
+                "--input", str(texts), "--output", str(out)])
+    assert proc.returncode == 2 and "--task embed: " in proc.stderr and "serves score, rerank, classify" in proc.stderr
+    proc = run([sys.executable, "-m", "tp_embed.offline", "--no-progress", "--model-path", ce, "--task", "score",
+                "--input", str(texts), "--output", str(out)])
+    assert proc.returncode == 2 and "reads a .jsonl file" in proc.stderr
+
+
+def json_string(text: str) -> str:
+    import json
+    return json.dumps(text)
