@@ -438,6 +438,27 @@ def request_indices(request_number: int, inputs_per_request: int, num_texts: int
     return [(first + j) % num_texts for j in range(inputs_per_request)]
 
 
+async def post_for_json(client: httpx.AsyncClient, path: str, body: dict, record: RequestRecord,
+                        sent: float) -> dict | None:
+    """POST `body` to `path` and return the response's JSON; on a transport error, a status other than 200 or
+    a body that is not JSON, set record.error and return None. Sets record.latency_s either way."""
+    try:
+        response = await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        record.latency_s = time.perf_counter() - sent
+        record.error = type(exc).__name__
+        return None
+    record.latency_s = time.perf_counter() - sent
+    if response.status_code != 200:
+        record.error = str(response.status_code)
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        record.error = "bad_response:json"
+        return None
+
+
 async def send_request(client: httpx.AsyncClient, body: dict, indices: list[int],
                        point_start: float, reference: np.ndarray | None = None,
                        check_threshold: float = 0.9999, *, mode: str = "embed",
@@ -448,22 +469,11 @@ async def send_request(client: httpx.AsyncClient, body: dict, indices: list[int]
         return await send_rerank_request(client, body, point_start, path or RERANK_PATH)
     sent = time.perf_counter()
     record = RequestRecord(start_s=sent - point_start, latency_s=0.0, num_inputs=len(indices))
-    try:
-        response = await client.post(path or EMBEDDINGS_PATH, json=body)
-    except httpx.HTTPError as exc:
-        record.latency_s = time.perf_counter() - sent
-        record.error = type(exc).__name__
-        return record
-    record.latency_s = time.perf_counter() - sent
-    if response.status_code != 200:
-        record.error = str(response.status_code)
+    payload = await post_for_json(client, path or EMBEDDINGS_PATH, body, record, sent)
+    if payload is None:
         return record
     try:
-        payload = response.json()
         vectors = decode_response(payload, len(indices))
-    except ValueError:
-        record.error = "bad_response:json"
-        return record
     except BadResponse as exc:
         record.error = f"bad_response:{exc}"
         return record
@@ -487,22 +497,11 @@ async def send_rerank_request(client: httpx.AsyncClient, body: dict, point_start
     """POST one rerank request and turn the outcome into a RequestRecord; its inputs are the documents."""
     sent = time.perf_counter()
     record = RequestRecord(start_s=sent - point_start, latency_s=0.0, num_inputs=len(body["documents"]))
-    try:
-        response = await client.post(path, json=body)
-    except httpx.HTTPError as exc:
-        record.latency_s = time.perf_counter() - sent
-        record.error = type(exc).__name__
-        return record
-    record.latency_s = time.perf_counter() - sent
-    if response.status_code != 200:
-        record.error = str(response.status_code)
+    payload = await post_for_json(client, path, body, record, sent)
+    if payload is None:
         return record
     try:
-        payload = response.json()
         decode_rerank_response(payload, body["documents"], body.get("top_n"), bool(body.get("return_documents")))
-    except ValueError:
-        record.error = "bad_response:json"
-        return record
     except BadResponse as exc:
         record.error = f"bad_response:{exc}"
         return record

@@ -27,14 +27,11 @@ from tp_embed.args import add_engine_args, parse_with_config
 from tp_embed.host_allocator import runs_on_cpu, setup_host_allocator
 
 
-def read_texts(path: str) -> list[str]:
-    """The texts of a file, one a line, or of a .jsonl file's "text" fields (blank lines skipped).
-    Raises OSError, or ValueError naming the line."""
+def jsonl_records(path: str):
+    """(line number, object) for each non-blank line of a .jsonl file; ValueError naming a line that is not
+    JSON or not an object."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    if not path.endswith(".jsonl"):
-        return lines
-    texts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -42,7 +39,18 @@ def read_texts(path: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        yield n, record if isinstance(record, dict) else {}
+
+
+def read_texts(path: str) -> list[str]:
+    """The texts of a file, one a line, or of a .jsonl file's "text" fields (blank lines skipped).
+    Raises OSError, or ValueError naming the line."""
+    if not path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    texts = []
+    for n, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a string \"text\" field")
         texts.append(record["text"])
     return texts
@@ -54,20 +62,12 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     if not path.endswith(".jsonl"):
         raise ValueError(f"{path}: --task score reads a .jsonl file of {{\"query\", \"document\"}} lines")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
-            keys = next((k for k in (("query", "document"), ("text_1", "text_2"))
-                         if isinstance(record, dict) and k[0] in record), ("query", "document"))
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in keys):
-                raise ValueError(f"{path}, line {n}: expected an object with non-empty string \"query\" and "
-                                 f"\"document\" (or \"text_1\" and \"text_2\") fields")
-            pairs.append((record[keys[0]], record[keys[1]]))
+    for n, record in jsonl_records(path):
+        first, second = ("text_1", "text_2") if "text_1" in record else ("query", "document")
+        if not all(isinstance(record.get(k), str) and record[k] for k in (first, second)):
+            raise ValueError(f"{path}, line {n}: expected an object with non-empty string \"query\" and "
+                             f"\"document\" (or \"text_1\" and \"text_2\") fields")
+        pairs.append((record[first], record[second]))
     return pairs
 
 
