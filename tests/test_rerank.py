@@ -129,8 +129,10 @@ def test_decoder_one_label_scores_match_transformers(outputs, checkpoints, name,
 def test_tasks_follow_the_head(outputs):
     tasks = {name: rank_stats(outputs, 1, name)["tasks"] for name in
              CROSS_ENCODERS + RERANKERS + CLASSIFIERS + DECODER_SCORERS}
-    for name in CROSS_ENCODERS + RERANKERS + DECODER_SCORERS:
+    for name in CROSS_ENCODERS + DECODER_SCORERS:
         assert tasks[name] == ["score", "rerank", "classify"], name
+    for name in RERANKERS:  # a prompt-template reranker reads pairs only
+        assert tasks[name] == ["score", "rerank"], name
     for name in CLASSIFIERS:
         assert tasks[name] == ["classify"], name
     assert not os.path.exists(os.path.join(outputs[1], "bert_3labels.scores.npy"))

@@ -131,10 +131,13 @@ class ModelConfig:
     @property
     def tasks(self) -> tuple[str, ...]:
         """What the model serves: an embedder embeds, and scores and reranks by the cosine of its vectors;
-        a one-label head scores, reranks and classifies; a head of more labels classifies."""
+        a one-label head scores, reranks and classifies (a reranker with a prompt template only scores and
+        reranks: a text without its pair means nothing to it); a head of more labels classifies."""
         if self.head is None:
             return ("embed", "score", "rerank")
-        return ("score", "rerank", "classify") if self.head.num_labels == 1 else ("classify",)
+        if self.head.num_labels > 1:
+            return ("classify",)
+        return ("score", "rerank") if self.head.pair_template else ("score", "rerank", "classify")
 
     @property
     def q_size(self) -> int:

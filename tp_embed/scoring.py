@@ -45,14 +45,15 @@ class RerankRequest(BaseModel):
     raw_scores: StrictBool = False
     max_tokens_per_doc: StrictInt | None = None
     priority: StrictInt | None = None
+    relevant_spans: object = None  # Cohere's; only null is taken
 
 
 class ScoreRequest(BaseModel):
     """POST /v1/score, vLLM's shape."""
     model_config = ConfigDict(extra="forbid")
 
-    text_1: StrictStr | list
-    text_2: StrictStr | list
+    text_1: object  # a string or a list of strings, checked by parse_texts
+    text_2: object
     model: StrictStr | None = None
     instruction: StrictStr | None = None
     raw_scores: StrictBool = False
@@ -62,7 +63,7 @@ class ClassifyRequest(BaseModel):
     """POST /v1/classify, vLLM's shape; `truncate` as in /v1/embeddings."""
     model_config = ConfigDict(extra="forbid")
 
-    input: StrictStr | list
+    input: object  # a string or a list of strings, checked by parse_texts
     model: StrictStr | None = None
     truncate: StrictBool | None = None
 
@@ -128,8 +129,10 @@ def parse_documents(raw: list, limit: int) -> list[str]:
     return texts
 
 
-def parse_texts(raw: str | list, param: str) -> list[str]:
+def parse_texts(raw: object, param: str) -> list[str]:
     """A string or a non-empty list of non-empty strings."""
+    if not isinstance(raw, (str, list)):
+        raise APIError(400, f"{param} must be a string or a list of strings, got {json_kind(raw)}", param=param)
     texts = [raw] if isinstance(raw, str) else raw
     if not texts:
         raise APIError(400, f"{param} must not be an empty list", param=param)
@@ -196,10 +199,11 @@ def score_pairs(model: ScoringModel, text: TextProcessor, queries: list[str], do
     if raw:
         raise APIError(400, f"raw_scores applies to cross-encoders; {model.name} scores by cosine similarity",
                        param="raw_scores")
-    distinct = list(dict.fromkeys(queries))
-    query_ids = embed_sequences(text, distinct, ("query",), False, query_param)
+    position = {q: i for i, q in enumerate(dict.fromkeys(queries))}
+    distinct = list(position)
+    query_ids = embed_sequences(text, distinct, ("query",), model.allow_auto_truncate, query_param)
     doc_ids = embed_sequences(text, documents, DOCUMENT_PROMPT_NAMES, True, "documents")
-    which = [distinct.index(q) for q in queries] if len(distinct) > 1 else [0] * len(queries)
+    which = [position[q] for q in queries]
     return query_ids + doc_ids, None, lambda rows: cosine(rows[which], rows[len(distinct):])
 
 
@@ -211,6 +215,8 @@ def prepare_rerank(body: bytes, model: ScoringModel, text: TextProcessor, check_
         raise APIError(400, "query must not be an empty string", param="query")
     check_text(req.query, "query", param="query")
     documents = parse_documents(req.documents, model.max_documents)
+    if req.relevant_spans is not None:
+        raise APIError(400, "relevant_spans is not supported; leave it out", param="relevant_spans")
     if req.top_n is not None and req.top_n < 1:
         raise APIError(400, f"top_n must be at least 1, got {req.top_n}", param="top_n")
     if req.max_tokens_per_doc is not None:
