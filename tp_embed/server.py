@@ -140,10 +140,12 @@ class EmbeddingServer:
         self.state = "ready"
         self.metrics.ready.set(1)
         e = self.engine
-        logger.info("ready: %s as %r, tp=%d, %s, %d dimensions, pooling %s, normalize %s, context length %d, "
-                    "max batch %d tokens / %d inputs, max queued tokens %d", e.model_name,
-                    self.served_model_name, e.dist.tp_size, e.dtype, e.embedding_size, e.pooling or "the model's own",
-                    e.normalize, e.text.max_length, e.max_batch_tokens, e.max_batch_seqs,
+        shape = (f"{e.embedding_size} dimensions, pooling {e.pooling or 'its own'}, normalize {e.normalize}"
+                 if "embed" in e.tasks else f"labels {', '.join(e.config.head.labels[:8])}"
+                 + (f" and {len(e.config.head.labels) - 8} more" if len(e.config.head.labels) > 8 else ""))
+        logger.info("ready: %s as %r, tp=%d, %s, tasks %s, %s, context length %d, max batch %d tokens / %d inputs, "
+                    "max queued tokens %d", e.model_name, self.served_model_name, e.dist.tp_size, e.dtype,
+                    ", ".join(e.tasks), shape, e.text.max_length, e.max_batch_tokens, e.max_batch_seqs,
                     self.scheduler.max_queued_tokens)
 
     def _fail(self, error: BaseException) -> None:
