@@ -190,6 +190,11 @@ def check_token_ids(sequences: list[list[int]], vocab_size: int, nested: bool) -
                                     f"from 0 to {vocab_size - 1}", param="input")
 
 
+def non_finite_error() -> APIError:
+    return APIError(500, "the model produced non-finite values (overflow in a reduced-precision dtype?); "
+                         "try --dtype float32", code="non_finite_output")
+
+
 def render_embeddings(vectors: np.ndarray, encoding_format: str, model: str, num_tokens: int) -> bytes:
     """The response body: row i of float32 [n, d] `vectors` is data[i].
 
@@ -197,8 +202,7 @@ def render_embeddings(vectors: np.ndarray, encoding_format: str, model: str, num
     float64 reprs); base64: the little-endian float32 bytes of each row, as OpenAI sends them.
     """
     if not np.isfinite(vectors).all():
-        raise APIError(500, "the model produced non-finite values (overflow in a reduced-precision dtype?); "
-                            "try --dtype float32", code="non_finite_output")
+        raise non_finite_error()
     if encoding_format == "base64":
         rows = [b'"' + base64.b64encode(row.tobytes()) + b'"' for row in vectors.astype("<f4", copy=False)]
     else:

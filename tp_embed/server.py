@@ -43,6 +43,7 @@ from tp_embed.openai_protocol import (
     check_encoding_format,
     check_text,
     check_token_ids,
+    non_finite_error,
     parse_input,
     parse_items,
     parse_json_body,
@@ -416,6 +417,8 @@ class EmbeddingServer:
         job = Job(task.sequences, task.num_tokens, self.loop.create_future(), type_starts=task.type_starts)
         if not await self.run_job(job, request, deadline):
             return Response(status_code=499)
+        if not torch.isfinite(job.outputs).all():  # JSON has no NaN: say why rather than send invalid JSON
+            raise non_finite_error()
         content = task.finish(job.outputs)
         self.metrics.inputs.inc(len(task.sequences))
         self.metrics.prompt_tokens.inc(task.num_tokens)
