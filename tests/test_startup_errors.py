@@ -44,13 +44,14 @@ def test_tp_that_does_not_fit_kv_heads(tmp_path):
 
 def test_unsupported_architecture_lists_supported(tmp_path, mistral):
     cfg = json.load(open(os.path.join(mistral, "config.json")))
-    cfg["architectures"] = ["MistralForSequenceClassification"]
+    cfg["architectures"] = ["MistralForTokenClassification"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as e:
         load_config(str(tmp_path), name="x")
     msg = str(e.value)
-    assert "unsupported architecture ['MistralForSequenceClassification']" in msg
-    for arch in ("MistralModel", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "BertModel", "XLMRobertaModel"):
+    assert "unsupported architecture ['MistralForTokenClassification']" in msg
+    for arch in ("MistralModel", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "BertModel", "XLMRobertaModel",
+                 "MistralForSequenceClassification", "BertForSequenceClassification"):
         assert arch in msg
 
 
