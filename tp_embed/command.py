@@ -28,7 +28,7 @@ most --shutdown-timeout), stops the workers, and the command exits 0.
 
     tp-embed                                             # the embedded all-MiniLM-L6-v2, one rank
     tp-embed --model-path intfloat/e5-mistral-7b-instruct --tp 4 --port 8000
-    tp-embed --config configs/Qwen3-Embedding-8B.json --tp 2 --dp 2
+    tp-embed --config Qwen3-Embedding-8B --tp 2 --dp 2
 
 Across several hosts, run torchrun on each with `-m tp_embed.launch` and the same flags (docs/deployment.md).
 """

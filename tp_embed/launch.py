@@ -3,7 +3,7 @@
     tp-embed --model-path intfloat/e5-mistral-7b-instruct --tp 2    # starts the tp x dp ranks itself
     torchrun --standalone --nproc-per-node 2 -m tp_embed.launch --model-path intfloat/e5-mistral-7b-instruct --tp 2
     torchrun --standalone --nproc-per-node 1 launch.py              # from a checkout: the embedded all-MiniLM-L6-v2
-    torchrun --standalone --nproc-per-node 4 launch.py --config configs/gte-Qwen2-7B-instruct.json
+    torchrun --standalone --nproc-per-node 4 launch.py --config gte-Qwen2-7B-instruct
 
 Rank 0 serves the OpenAI embeddings API (--host, --port) and runs the engine thread; the other ranks
 hold their shards and run every batch rank 0 broadcasts. SIGTERM or SIGINT to rank 0 (or to torchrun,
