@@ -173,3 +173,40 @@ def test_chat_template_on_a_model_without_one(mistral, io_args):
     assert proc.returncode != 0
     assert re.search(r"--chat-template gme-qwen2-vl does not apply to \S+: it applies to Qwen2-VL \(GME\) models; "
                      r"use prompt_name for instructions", proc.stderr), proc.stderr[-2000:]
+
+
+def error_lines(output: str, tracebacks: bool = True) -> list[str]:
+    """Lines a user reads as errors: our ERROR lines, 'signal' lines and (`tracebacks`) tracebacks. torchrun's
+    own lines (its W/E-prefixed log and, when a rank exits non-zero, its ChildFailedError traceback) are not
+    ours: the README says torchrun reports a failed rank that way."""
+    ours = [ln for ln in output.splitlines() if not re.match(r"^[WE]\d{4} ", ln)]
+    return [ln for ln in ours
+            if " ERROR " in ln or "signal 15" in ln or (tracebacks and ln.startswith("Traceback"))]
+
+
+@pytest.mark.parametrize("case", ["tp that does not divide the heads", "no such model directory",
+                                  "unsupported architecture"])
+def test_a_startup_error_is_one_line_from_every_launcher(mistral, tmp_path, case):
+    """At tp 2, under the tp-embed command and under torchrun: exactly one error line (rank 0's; the worker
+    knows the same and stays quiet), no traceback, no 'signal' line, and a non-zero exit."""
+    model = {"tp that does not divide the heads": mistral, "no such model directory": str(tmp_path / "nope"),
+             "unsupported architecture": str(tmp_path / "token-classifier")}[case]
+    if case == "unsupported architecture":
+        os.makedirs(model)
+        cfg = json.load(open(os.path.join(mistral, "config.json")))
+        json.dump({**cfg, "architectures": ["MistralForTokenClassification"]}, open(f"{model}/config.json", "w"))
+    tp = "3" if case.startswith("tp") else "2"
+    flags = ["--model-path", model, "--tp", tp, "--port", "0"]
+    for launcher in (["-m", "tp_embed"], torchrun_cmd(int(tp), "-m", "tp_embed.launch")[1:]):
+        proc = run([torchrun_cmd(1)[0], *launcher, *flags], timeout=240)
+        assert proc.returncode != 0
+        errors = error_lines(proc.stdout + proc.stderr, tracebacks=launcher[1] == "tp_embed")
+        assert len(errors) == 1, f"{launcher}: {errors}"
+
+
+def test_launch_py_without_torchrun_says_how_to_start_it():
+    proc = run([torchrun_cmd(1)[0], "launch.py", "--tp", "2", "--port", "0"], timeout=120)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [error_lines(proc.stderr)[0]]
+    assert "launch.py runs one rank of the server, and --tp 2 needs 2" in proc.stderr
+    assert "`tp-embed --tp 2 ...`" in proc.stderr and "listening" not in proc.stderr

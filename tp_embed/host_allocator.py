@@ -116,7 +116,7 @@ def setup_host_allocator(choice: str, on_cpu: bool) -> str:
                 why = f"tcmalloc ({os.environ.get('LD_PRELOAD', '').split(':')[0]}) did not load from LD_PRELOAD"
             else:
                 why = "tcmalloc not found"
-            logger.warning("%s: running on glibc malloc, whose flat-memory setting makes the CPU forward pass "
-                           "about 1.4x slower; %s", why, INSTALL_HINT)
+            logger.info("%s: running on glibc malloc, whose flat-memory setting makes the CPU forward pass "
+                        "about 1.4x slower; %s", why, INSTALL_HINT)
         return "glibc"
     return active

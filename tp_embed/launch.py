@@ -44,8 +44,9 @@ def run_worker(args) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = Engine(EngineConfig.from_args(args), show_progress=False)
-    except ConfigError as e:
-        logger.error("%s", e)
+    except (ConfigError, SystemExit) as e:
+        # the same flags and model give rank 0 the same error, and rank 0 reports it: one line, not one a rank
+        logger.debug("rank %s: %s", os.environ.get("RANK"), e)
         return 2
     try:
         engine.run()  # lead its data-parallel group, or follow its leader
@@ -57,9 +58,25 @@ def run_worker(args) -> int:
     return 0
 
 
+def started_alone(args) -> str | None:
+    """Why this process cannot serve on its own: launch.py is one rank, and neither torchrun nor the tp-embed
+    command started it (no WORLD_SIZE) though --tp x --dp asks for several."""
+    ranks = args.tp * args.dp
+    if "WORLD_SIZE" in os.environ or ranks == 1:
+        return None
+    flags = " ".join(f"--{name} {n}" for name, n in (("tp", args.tp), ("dp", args.dp)) if n > 1)
+    return (f"launch.py runs one rank of the server, and {flags} needs {ranks}: start them with "
+            f"`tp-embed {flags} ...` (it runs the ranks itself), or with "
+            f"`torchrun --nproc-per-node {ranks} launch.py {flags} ...`")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    alone = started_alone(args)
+    if alone:
+        logger.error("%s", alone)
+        return 2
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         allocator = setup_host_allocator(args.host_allocator, runs_on_cpu(args.device))  # may re-execute this rank

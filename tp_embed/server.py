@@ -163,6 +163,9 @@ class EmbeddingServer:
         self.uvicorn.should_exit = True
 
     def begin_shutdown(self, signum: int) -> None:
+        if self.state == "failed":  # already exiting after an error (torchrun then signals every rank): say nothing
+            logger.debug("signal %d after the engine failed", signum)
+            return
         if self._shutdown_started:
             logger.info("signal %d: already shutting down (at most --shutdown-timeout %.0f s)", signum,
                         self.args.shutdown_timeout)
