@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -106,23 +107,31 @@ RUN_BLOCKS = [b for b in BLOCKS if b.skip_reason is None]
 
 
 def readme_server_command() -> tuple[int, list[str]]:
-    """(nproc, launch.py args without --port) of the README's first command, which starts the server."""
+    """(ranks, `tp-embed` args without --port) of the README's first command, which starts the server."""
     first = next(b for b in BLOCKS if b.path.name == "README.md")
-    command = next(part for part in first.code.split("&&") if "launch.py" in part)
-    words = shlex.split(command)
-    nproc = int(words[words.index("--nproc-per-node") + 1])
-    args = words[words.index("launch.py") + 1:]
+    command = next(part for part in first.code.split("&&") if part.split()[0] == "tp-embed")
+    args = shlex.split(command)[1:]
     if "--port" in args:
         del args[args.index("--port"):args.index("--port") + 2]
-    return nproc, args
+    ranks = 1
+    for flag in ("--tp", "--dp"):
+        ranks *= int(args[args.index(flag) + 1]) if flag in args else 1
+    return ranks, args
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    nproc, args = readme_server_command()
+    """The README's first command as a reader runs it (the venv's `tp-embed`), stopped at the end as a reader
+    stops it: Ctrl-C (SIGINT to the command), which must drain and exit 0 without a traceback."""
+    ranks, args = readme_server_command()
     log = tmp_path_factory.mktemp("docs-server") / "server.log"
-    with ServerProcess(args, nproc=nproc, log_path=log) as s:
+    command = os.path.join(os.path.dirname(sys.executable), "tp-embed")
+    with ServerProcess(args, nproc=ranks, log_path=log, launcher=[command]) as s:
         yield s
+        s.proc.send_signal(signal.SIGINT)
+        code = s.wait(60)
+        output = s.log()
+        assert code == 0 and "Traceback" not in output, output[-3000:]
 
 
 def test_markers_and_fences():
@@ -166,11 +175,11 @@ def test_the_main_examples_run():
 
 
 def test_server_is_started_like_the_readme():
-    """The README's foreground server is skipped because the test's server replaces it: same ranks, same flags."""
+    """The README's foreground server is skipped because the test's server replaces it: same command, same flags."""
     first = next(b for b in BLOCKS if b.path.name == "README.md")
-    assert first.skip_reason and "launch.py" in first.code
-    nproc, args = readme_server_command()
-    assert nproc == 2 and args[args.index("--tp") + 1] == "2", args
+    assert first.skip_reason and "tp-embed --tp 2" in first.code
+    ranks, args = readme_server_command()
+    assert ranks == 2 and args[args.index("--tp") + 1] == "2", args
 
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=[b.name for b in RUN_BLOCKS])
