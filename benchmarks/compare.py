@@ -39,13 +39,13 @@ embed-only.
 Usage (docs/peers.md says how to install the peers)::
 
     python benchmarks/compare.py --rounds 3 --num-requests 200 \\
-        --peer st --peer vllm:/work/peers/vllm/bin/python \\
-        --peer infinity:/work/peers/infinity/bin/python \\
+        --peer st --peer vllm:~/peers/vllm/bin/python \\
+        --peer infinity:~/peers/infinity/bin/python \\
         --output-json results/compare.json --output-markdown results/compare.md
 
     # Rerank with a cross-encoder: 10 and 100 documents per request.
     python benchmarks/compare.py --mode rerank --model-dir /models/bge-reranker-base \\
-        --inputs-per-request 10,100 --peer st --peer vllm:/work/peers/vllm/bin/python \\
+        --inputs-per-request 10,100 --peer st --peer vllm:~/peers/vllm/bin/python \\
         --output-json results/rerank.json --output-markdown results/rerank.md
 """
 
