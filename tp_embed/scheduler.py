@@ -51,7 +51,7 @@ class Job:
     """
 
     __slots__ = ("sequences", "num_tokens", "next_seq", "num_done", "outputs", "error", "cancelled",
-                 "released", "future", "items", "type_starts")
+                 "released", "future", "items", "type_starts", "started")
 
     def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None,
                  items: list | None = None, type_starts: list[int] | None = None):
@@ -70,6 +70,7 @@ class Job:
         self.cancelled = False
         self.released = False  # its tokens no longer count against max_queued_tokens
         self.future = future
+        self.started: int | None = None  # time.time_ns() when its first batch started (request tracing)
 
 
 class Scheduler:
@@ -213,6 +214,10 @@ class Scheduler:
                 continue
             sequences = [s for job, start, end in batch for s in job.sequences[start:end]]
             num_tokens = sum(map(len, sequences))
+            started = time.time_ns()
+            for job, start, _ in batch:
+                if start == 0:
+                    job.started = started
             t0 = time.perf_counter()
             pooled = engine.forward_pooled(sequences, self._type_starts(batch))
             seconds = time.perf_counter() - t0
@@ -268,6 +273,9 @@ class Scheduler:
         """Embed the prepared inputs of several multimodal jobs in one call (the processor packs them into
         batches) and hand each job its rows. A ValueError is raised before anything reaches the workers,
         so the ranks stay in step; it fails these jobs."""
+        started = time.time_ns()
+        for job in jobs:
+            job.started = started
         t0 = time.perf_counter()
         try:
             pooled, error = engine.embed_prepared([p for job in jobs for p in job.items]), None

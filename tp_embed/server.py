@@ -37,6 +37,7 @@ from tp_embed.items import Item
 from tp_embed.media import MediaConfig, MediaError, load_images
 from tp_embed.metrics import Metrics
 from tp_embed.openai_protocol import (
+    ERROR_TYPES,
     APIError,
     EmbeddingRequest,
     TokenizeRequest,
@@ -53,6 +54,7 @@ from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_nor
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
 from tp_embed.scoring import ScoringModel, check_task, prepare_classify, prepare_rerank, prepare_score
 from tp_embed.text import InputTooLongError
+from tp_embed.tracing import OFF, RequestTraceMiddleware, TracingError, request_trace, start_tracing
 
 logger = logging.getLogger("tp_embed")
 
@@ -78,6 +80,7 @@ class EmbeddingServer:
         self.args = args
         self.media_config = MediaConfig.from_args(args)
         self.metrics = metrics
+        self.tracing = OFF  # serve() sets what --otlp-traces-endpoint and --log-requests ask for
         self.state = "loading"  # -> ready -> draining, or -> failed; changed on the event loop only
         self.exit_code = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -352,6 +355,7 @@ class EmbeddingServer:
 
     async def run_job(self, job: Job, request: Request, deadline: float) -> bool:
         """Admit the job, wait for it and raise its error as the API's; False when the client went away."""
+        submitted = time.time_ns()  # the clock of the tracing spans and of job.started
         try:
             self.scheduler.submit(job)
         except QueueFullError as e:
@@ -366,7 +370,10 @@ class EmbeddingServer:
         try:
             await self.wait_for(job, request, deadline)
         except ClientDisconnected:
+            request_trace(request).fail("client_disconnected")
             return False
+        finally:
+            request_trace(request).queued(submitted, job.started)
         if isinstance(job.error, ValueError):  # a bad item, found by the model's processor
             code = "context_length_exceeded" if isinstance(job.error, InputTooLongError) else None
             raise APIError(400, str(job.error), param="input", code=code)
@@ -383,23 +390,27 @@ class EmbeddingServer:
         loop = self.loop
         deadline = loop.time() + self.args.request_timeout
         body = await self.read_body(request)
-        prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
+        trace = request_trace(request)
+        with trace.stage("tokenize"):
+            prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
         if prepared.items is not None:
             job = Job([], prepared.num_tokens, loop.create_future(), prepared.items)
         else:
             job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
+        trace.note(len(prepared.items if prepared.items is not None else prepared.sequences), prepared.num_tokens)
         if not await self.run_job(job, request, deadline):
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        outputs = job.outputs
-        if prepared.order is not None:
-            outputs = torch.empty_like(outputs)
-            outputs[prepared.order] = job.outputs
-        vectors = truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy()
-        args = (vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens)
-        if vectors.size > INLINE_RENDER_FLOATS:
-            content = await loop.run_in_executor(self.pool, render_embeddings, *args)
-        else:
-            content = render_embeddings(*args)
+        with trace.stage("render"):
+            outputs = job.outputs
+            if prepared.order is not None:
+                outputs = torch.empty_like(outputs)
+                outputs[prepared.order] = job.outputs
+            vectors = truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy()
+            args = (vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens)
+            if vectors.size > INLINE_RENDER_FLOATS:
+                content = await loop.run_in_executor(self.pool, render_embeddings, *args)
+            else:
+                content = render_embeddings(*args)
         self.metrics.inputs.inc(len(vectors))
         self.metrics.prompt_tokens.inc(prepared.num_tokens)
         self.metrics.request_latency.observe(time.perf_counter() - start)
@@ -413,20 +424,24 @@ class EmbeddingServer:
         self.check_ready()
         deadline = self.loop.time() + self.args.request_timeout
         body = await self.read_body(request)
+        trace = request_trace(request)
         t0 = time.perf_counter()
-        task = await self.loop.run_in_executor(
-            self.pool, lambda: prepare(body, self.scoring, self._local.text, self.check_model))
+        with trace.stage("tokenize"):
+            task = await self.loop.run_in_executor(
+                self.pool, lambda: prepare(body, self.scoring, self._local.text, self.check_model))
         self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         job = Job(task.sequences, task.num_tokens, self.loop.create_future(), type_starts=task.type_starts)
+        trace.note(len(task.sequences), task.num_tokens)
         if not await self.run_job(job, request, deadline):
             return Response(status_code=499)
-        if not torch.isfinite(job.outputs).all():  # JSON has no NaN: say why rather than send invalid JSON
-            raise non_finite_error()
-        content = task.finish(job.outputs)
+        with trace.stage("render"):
+            if not torch.isfinite(job.outputs).all():  # JSON has no NaN: say why rather than send invalid JSON
+                raise non_finite_error()
+            response = json_response(task.finish(job.outputs))
         self.metrics.inputs.inc(len(task.sequences))
         self.metrics.prompt_tokens.inc(task.num_tokens)
         self.metrics.request_latency.observe(time.perf_counter() - start)
-        return json_response(content)
+        return response
 
     async def rerank(self, request: Request):
         return await self.run_task(request, prepare_rerank)
@@ -456,7 +471,13 @@ class EmbeddingServer:
         self.authorize(request)
         self.check_ready()
         body = await self.read_body(request)
-        return json_response(await self.loop.run_in_executor(self.pool, self.prepare_tokenize, body))
+        trace = request_trace(request)
+        with trace.stage("tokenize"):
+            result = await self.loop.run_in_executor(self.pool, self.prepare_tokenize, body)
+        counts = result["count"] if isinstance(result["count"], list) else [result["count"]]
+        trace.note(len(counts), sum(counts))
+        with trace.stage("render"):
+            return json_response(result)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "tp-embed",
@@ -503,8 +524,10 @@ def json_response(obj, status: int = 200) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
-def error_response(error: APIError, metrics: Metrics) -> Response:
+def error_response(error: APIError, metrics: Metrics, request: Request | None = None) -> Response:
     metrics.errors.labels(str(error.status), error.code or "none").inc()
+    if request is not None:  # for the request's span and log line
+        request_trace(request).fail(error.code or ERROR_TYPES.get(error.status, "server_error"))
     return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
 
 
@@ -549,7 +572,7 @@ def build_app(server: EmbeddingServer) -> FastAPI:
     metrics = server.metrics
 
     async def on_api_error(request: Request, error: APIError):
-        return error_response(error, metrics)
+        return error_response(error, metrics, request)
 
     async def on_http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
@@ -558,7 +581,7 @@ def build_app(server: EmbeddingServer) -> FastAPI:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(error.detail)
-        return error_response(APIError(error.status_code, message), metrics)
+        return error_response(APIError(error.status_code, message), metrics, request)
 
     async def on_unexpected_error(request: Request, error: Exception):
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
@@ -568,6 +591,9 @@ def build_app(server: EmbeddingServer) -> FastAPI:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
+    if server.tracing.enabled:  # inside MetricsMiddleware; not installed at all when both flags are off
+        app.add_middleware(RequestTraceMiddleware, tracing=server.tracing,
+                           model=lambda: getattr(server, "served_model_name", None))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -590,6 +616,11 @@ def serve(args) -> int:
     engine thread, serve until a signal or an engine failure. Returns the exit status."""
     metrics = Metrics()
     server = EmbeddingServer(args, metrics)
+    try:
+        server.tracing = start_tracing(args.otlp_traces_endpoint, args.log_requests)
+    except TracingError as e:
+        logger.error("%s", e)
+        return 2
     config = uvicorn.Config(build_app(server), log_level=args.log_level, access_log=args.access_log,
                             lifespan="off", timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -612,6 +643,7 @@ def serve(args) -> int:
         server.scheduler.start()
         await userver.serve(sockets=[sock])
         await server.stop_engine()
+        await asyncio.to_thread(server.tracing.shutdown)  # export the last spans (at most 5 s)
 
     asyncio.run(main())
     return server.exit_code
