@@ -31,6 +31,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tp_embed.asgi import StatusSend
 from tp_embed.config import ConfigError, EngineConfig
 from tp_embed.engine import Engine
 from tp_embed.items import Item
@@ -540,20 +541,13 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_with_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        send = StatusSend(send)
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, send)
         finally:
             path = scope["path"]
             route = path if path in ROUTES else "/v1/models" if path.startswith("/v1/models/") else "other"
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.requests.labels(route, str(send.status)).inc()
 
 
 def build_app(server: EmbeddingServer) -> FastAPI:

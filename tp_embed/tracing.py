@@ -25,6 +25,8 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+from tp_embed.asgi import StatusSend
+
 logger = logging.getLogger("tp_embed")
 
 # the routes that get a span and a log line (health checks, metrics scrapes and /v1/models get neither)
@@ -216,18 +218,11 @@ class RequestTraceMiddleware:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         trace = scope[SCOPE_KEY] = self._start(scope)
-        status = 500
-
-        async def send_with_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        send = StatusSend(send)
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, send)
         except Exception as e:  # ServerErrorMiddleware, outside this one, answers 500 and re-raises
-            status, trace.error_code = 500, "internal_error"
+            send.status, trace.error_code = 500, "internal_error"
             if trace.span is not None:
                 trace.span.record_exception(e)
             raise
@@ -235,7 +230,7 @@ class RequestTraceMiddleware:
             trace.error_code = "cancelled"
             raise
         finally:
-            self._finish(scope, trace, status, (time.perf_counter() - start) * 1000)
+            self._finish(scope, trace, send.status, (time.perf_counter() - start) * 1000)
 
     def _start(self, scope) -> RequestTrace:
         tracer = self.tracing.tracer
