@@ -112,11 +112,12 @@ def setup_host_allocator(choice: str, on_cpu: bool) -> str:
     if action == "glibc":
         limit_glibc_mmap_threshold()
         if choice == "auto" and on_cpu and int(os.environ.get("RANK", "0")) == 0:
-            if REEXEC_MARK in os.environ:  # found, preloaded, and still not the process's malloc
+            # not installed is a note (info); found, preloaded and still not loaded is a broken library (warning)
+            level, why = logging.INFO, "tcmalloc not found"
+            if REEXEC_MARK in os.environ:
+                level = logging.WARNING
                 why = f"tcmalloc ({os.environ.get('LD_PRELOAD', '').split(':')[0]}) did not load from LD_PRELOAD"
-            else:
-                why = "tcmalloc not found"
-            logger.info("%s: running on glibc malloc, whose flat-memory setting makes the CPU forward pass "
-                        "about 1.4x slower; %s", why, INSTALL_HINT)
+            logger.log(level, "%s: running on glibc malloc, whose flat-memory setting makes the CPU forward pass "
+                       "about 1.4x slower; %s", why, INSTALL_HINT)
         return "glibc"
     return active

@@ -31,6 +31,14 @@ def build_parser(description: str = __doc__, prog: str | None = None) -> argpars
     return p
 
 
+def wait_for_rank_0_to_report(seconds: float = 15.0) -> None:
+    """A worker that exits first on a startup error makes its launcher end rank 0, maybe before rank 0 has
+    said what went wrong. So wait until the launcher stops this rank (SIGTERM: rank 0 has exited) or
+    `seconds` pass."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigtimedwait({signal.SIGTERM}, seconds)
+
+
 def run_worker(args) -> int:
     """Ranks 1..N-1: load the shard and run batches until rank 0 sends STOP."""
     from tp_embed.config import ConfigError, EngineConfig
@@ -47,6 +55,7 @@ def run_worker(args) -> int:
     except (ConfigError, SystemExit) as e:
         # the same flags and model give rank 0 the same error, and rank 0 reports it: one line, not one a rank
         logger.debug("rank %s: %s", os.environ.get("RANK"), e)
+        wait_for_rank_0_to_report()
         return 2
     try:
         engine.run()  # lead its data-parallel group, or follow its leader
