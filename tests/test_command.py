@@ -144,7 +144,7 @@ def test_python_m_tp_embed_serves_at_tp_2_and_drains_on_ctrl_c(tmp_path):
         server.proc.send_signal(signal.SIGINT)
         assert server.wait(60) == 0, server.log()[-3000:]
         log = server.log()
-    assert "signal 15: draining" in log and "Traceback" not in log, log[-3000:]
+    assert "SIGTERM: draining" in log and "Traceback" not in log, log[-3000:]
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -181,7 +181,7 @@ def error_lines(output: str, tracebacks: bool = True) -> list[str]:
     ours: the README says torchrun reports a failed rank that way."""
     ours = [ln for ln in output.splitlines() if not re.match(r"^[WE]\d{4} ", ln)]
     return [ln for ln in ours
-            if " ERROR " in ln or "signal 15" in ln or (tracebacks and ln.startswith("Traceback"))]
+            if " ERROR " in ln or "SIGTERM" in ln or "SIGINT" in ln or (tracebacks and ln.startswith("Traceback"))]
 
 
 @pytest.mark.parametrize("case", ["tp that does not divide the heads", "no such model directory",

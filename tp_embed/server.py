@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -167,15 +168,16 @@ class EmbeddingServer:
         self.uvicorn.should_exit = True
 
     def begin_shutdown(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         if self.state == "failed":  # already exiting after an error (torchrun then signals every rank): say nothing
-            logger.debug("signal %d after the engine failed", signum)
+            logger.debug("%s after the engine failed", name)
             return
         if self._shutdown_started:
-            logger.info("signal %d: already shutting down (at most --shutdown-timeout %.0f s)", signum,
+            logger.info("%s: already shutting down (at most --shutdown-timeout %.0f s)", name,
                         self.args.shutdown_timeout)
             return
         self._shutdown_started = True
-        logger.info("signal %d: draining %d requests, then stopping", signum, self.scheduler.num_active)
+        logger.info("%s: draining %d requests, then stopping", name, self.scheduler.num_active)
         if self.state in ("loading", "ready"):
             self.state = "draining"
         self.metrics.ready.set(0)
