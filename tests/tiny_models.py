@@ -224,6 +224,20 @@ def _top_words(counts, exclude: set[str], n: int) -> list[str]:
     return words[:max(n, 0)]
 
 
+def train_byte_level_bpe(corpus: list[str], vocab_size: int):
+    """A `tokenizers` byte-level BPE (Qwen's pre-tokenizer and decoder) trained on `corpus`, before any special
+    token or post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
 def build_decoder_tokenizer(
     vocab_size: int = 500,
     model_max_length: int = MAX_SEQ_LENGTH,
@@ -237,19 +251,9 @@ def build_decoder_tokenizer(
     if `bos_token` is given, that token too (then prepended to every sequence). With `append_eos` (default) a
     post-processor appends "<|endoftext|>" to every sequence (also in pairs), like gte-Qwen2 / Qwen3-Embedding.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    tok = train_byte_level_bpe(_training_corpus(), vocab_size)
     eos = "<|endoftext|>"
     specials = [eos, "<|im_start|>", "<|im_end|>"] + ([bos_token] if bos_token else [])
     tok.add_special_tokens(specials)
@@ -653,6 +657,33 @@ def make_qwen3(
     return path
 
 
+def bert_config(**kw):
+    """BertConfig of the tiny BERT layout (GELU, two token types, [PAD]=0, float32); `kw` sets the sizes."""
+    from transformers import BertConfig
+
+    return BertConfig(**{"hidden_act": "gelu", "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+                         "dtype": "float32", **kw})
+
+
+def xlmr_config(max_seq_length: int, **kw):
+    """XLMRobertaConfig of the tiny XLM-R layout: <pad>=1, so positions start at 2 and there are max_seq_length + 2
+    of them; one token type; float32."""
+    from transformers import XLMRobertaConfig
+
+    return XLMRobertaConfig(**{"hidden_act": "gelu", "max_position_embeddings": max_seq_length + 2,
+                               "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0,
+                               "eos_token_id": 2, "dtype": "float32", **kw})
+
+
+def build_and_save(build, tokenizer, path: str, seed: int, std: float):
+    """build() under torch.manual_seed(seed), in eval mode, randomized with `std` and saved with the tokenizer."""
+    torch.manual_seed(seed)
+    model = build().eval()
+    _randomize(model, seed, std)
+    _save(model, tokenizer, path)
+    return model
+
+
 def make_bert(
     path: str,
     with_prefix: bool = False,
@@ -677,26 +708,13 @@ def make_bert(
     by CLS pooling, as in BGE checkpoints; `with_pooler=False` leaves it out).
     `with_prefix=True`: BertForMaskedLM-style checkpoint: every key prefixed `bert.`, plus `cls.predictions.*`
     MLM-head tensors (to be ignored); config.json "architectures" = ["BertForMaskedLM"]."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     tokenizer = build_bert_tokenizer(model_max_length=max_seq_length)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=max_position_embeddings,
-        type_vocab_size=2,
-        layer_norm_eps=1e-12,
-        pad_token_id=0,
-        dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = BertModel(config, add_pooling_layer=with_pooler).eval()
-    _randomize(model, seed, std)
-    _save(model, tokenizer, path)
+    config = bert_config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                         max_position_embeddings=max_position_embeddings)
+    build_and_save(lambda: BertModel(config, add_pooling_layer=with_pooler), tokenizer, path, seed, std)
     if with_prefix:
         gen = torch.Generator().manual_seed(seed + 1)
         h = hidden_size
@@ -735,28 +753,13 @@ def make_xlm_roberta(
     Keys as XLMRobertaModel saves them (`embeddings.*`, `encoder.layer.*`, `pooler.dense.*` unless with_pooler=False).
     `with_prefix=True`: XLMRobertaForMaskedLM-style checkpoint: keys prefixed `roberta.`, plus `lm_head.*` tensors
     (to be ignored); "architectures" = ["XLMRobertaForMaskedLM"]."""
-    from transformers import XLMRobertaConfig, XLMRobertaModel
+    from transformers import XLMRobertaModel
 
     tokenizer = build_xlmr_tokenizer(model_max_length=max_seq_length)
-    config = XLMRobertaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=max_seq_length + 2,
-        type_vocab_size=1,
-        layer_norm_eps=1e-5,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = XLMRobertaModel(config, add_pooling_layer=with_pooler).eval()
-    _randomize(model, seed, std)
-    _save(model, tokenizer, path)
+    config = xlmr_config(max_seq_length, vocab_size=vocab_size, hidden_size=hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         intermediate_size=intermediate_size)
+    build_and_save(lambda: XLMRobertaModel(config, add_pooling_layer=with_pooler), tokenizer, path, seed, std)
     if with_prefix:
         gen = torch.Generator().manual_seed(seed + 1)
         h = hidden_size

@@ -88,12 +88,14 @@ from tiny_models import (
     DEFAULT_STD,
     ENCODER_VOCAB_SIZE,
     MAX_SEQ_LENGTH,
-    _randomize,
-    _save,
     _training_corpus,
     _wrap,
+    bert_config,
+    build_and_save,
     build_bert_tokenizer,
     build_xlmr_tokenizer,
+    train_byte_level_bpe,
+    xlmr_config,
 )
 
 __all__ = [
@@ -157,19 +159,9 @@ def build_qwen3_reranker_tokenizer(
     """Byte-level BPE like tiny_models.build_decoder_tokenizer, trained on `_reranker_corpus()` so that "yes" and "no"
     are single tokens, with NO special tokens added to sequences (like the real Qwen3 tokenizer). See the module
     docstring."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, processors
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    tok.train_from_iterator(_reranker_corpus(), trainer=trainer)
+    tok = train_byte_level_bpe(_reranker_corpus(), vocab_size)
     for word in ("yes", "no"):
         if tok.token_to_id(word) is None or tok.encode(word).ids != [tok.token_to_id(word)]:
             raise AssertionError(f"the reranker BPE did not learn {word!r} as one token")
@@ -212,32 +204,16 @@ def make_bert_cross_encoder(
     std: float = DEFAULT_STD,
 ) -> str:
     """ms-marco-MiniLM style BertForSequenceClassification (pooler kept), WordPiece tokenizer with token types."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     labels = _labels(num_labels, id2label)
     tokenizer = build_bert_tokenizer(model_max_length=max_seq_length)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=max_seq_length,
-        type_vocab_size=2,
-        layer_norm_eps=1e-12,
-        pad_token_id=0,
-        num_labels=num_labels,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-        problem_type=problem_type,
-        architectures=["BertForSequenceClassification"],
-        dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config).eval()
-    _randomize(model, seed, std)
-    _save(model, tokenizer, path)
+    config = bert_config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                         max_position_embeddings=max_seq_length, num_labels=num_labels, id2label=labels,
+                         label2id={v: k for k, v in labels.items()}, problem_type=problem_type,
+                         architectures=["BertForSequenceClassification"])
+    build_and_save(lambda: BertForSequenceClassification(config), tokenizer, path, seed, std)
     return path
 
 
@@ -256,33 +232,16 @@ def make_xlmr_cross_encoder(
     std: float = DEFAULT_STD,
 ) -> str:
     """bge-reranker-v2-m3 style XLMRobertaForSequenceClassification: head classifier.dense + classifier.out_proj."""
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaForSequenceClassification
 
     labels = _labels(num_labels, id2label)
     tokenizer = build_xlmr_tokenizer(model_max_length=max_seq_length)
-    config = XLMRobertaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=max_seq_length + 2,
-        type_vocab_size=1,
-        layer_norm_eps=1e-5,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        num_labels=num_labels,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-        architectures=["XLMRobertaForSequenceClassification"],
-        dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = XLMRobertaForSequenceClassification(config).eval()
-    _randomize(model, seed, std)
-    _save(model, tokenizer, path)
+    config = xlmr_config(max_seq_length, vocab_size=vocab_size, hidden_size=hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         intermediate_size=intermediate_size, num_labels=num_labels, id2label=labels,
+                         label2id={v: k for k, v in labels.items()},
+                         architectures=["XLMRobertaForSequenceClassification"])
+    build_and_save(lambda: XLMRobertaForSequenceClassification(config), tokenizer, path, seed, std)
     return path
 
 
@@ -340,10 +299,7 @@ def make_qwen3_reranker(
         architectures=["Qwen3ForCausalLM"],
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
-    _randomize(model, seed, std)
-    _save(model, tokenizer, path)
+    build_and_save(lambda: Qwen3ForCausalLM(config), tokenizer, path, seed, std)
     return path
 
 
@@ -371,10 +327,7 @@ def make_decoder_classifier(path: str, family: str, num_labels: int = 3, seed: i
                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
                         id2label=_labels(num_labels, None) if num_labels > 1 else None, dtype="float32", **extra)
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    _randomize(model, seed, std)
-    _save(model, tokenizer, path)
+    build_and_save(lambda: model_cls(config), tokenizer, path, seed, std)
     return path
 
 
