@@ -31,6 +31,9 @@ def checkpoints(tmp_path_factory):
         "bert_prefixed": tm.make_bert(str(root / "bert_prefixed"), with_prefix=True),
         "xlmr": tm.make_xlm_roberta(str(root / "xlmr")),
         "xlmr_prefixed": tm.make_xlm_roberta(str(root / "xlmr_prefixed"), with_prefix=True),
+        # sentence-transformers Dense modules after pooling: a tanh projection, and a stella-style linear one
+        "bert_dense": tm.add_dense_module(tm.make_bert(str(root / "bert_dense"), seed=1), 32, "tanh"),
+        "qwen3_dense": tm.add_dense_module(tm.make_qwen3(str(root / "qwen3_dense"), seed=1), 48, "identity"),
     }
 
 
@@ -69,13 +72,18 @@ def references(checkpoints):
 
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("name", ["mistral", "mistral_sharded", "qwen2", "qwen3",
-                                  "bert", "bert_prefixed", "xlmr", "xlmr_prefixed"])
+                                  "bert", "bert_prefixed", "xlmr", "xlmr_prefixed", "bert_dense", "qwen3_dense"])
 def test_matches_sentence_transformers(outputs, references, name, tp):
     ours = load(outputs, tp, name)
     assert ours.shape == references[name].shape
     cos = cosines(ours, references[name])
     assert cos.min() >= BOUND, f"{name} tp={tp}: min cosine {cos.min():.7f} at text {cos.argmin()}"
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_dense_modules_set_the_vector_size(outputs):
+    """The Dense modules' output size is the served one (32 and 48, not the models' hidden 64)."""
+    assert load(outputs, 1, "bert_dense").shape[1] == 32 and load(outputs, 4, "qwen3_dense").shape[1] == 48
 
 
 def test_texts_are_mixed_lengths(outputs):

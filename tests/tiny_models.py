@@ -874,3 +874,29 @@ def reference_embeddings_causal(path: str, texts: Iterable[str], prompt: str | N
     """Same as reference_embeddings_bidirectional but with an explicit causal 4D mask (what a loader that ignores
     `is_causal: false` would compute). Differs from the bidirectional result by O(1) on the tiny random models."""
     return transformers_embeddings(path, texts, prompt=prompt, attention="causal")
+
+
+def add_dense_module(path: str, out_features: int, activation: str = "tanh", seed: int = 0) -> str:
+    """Insert a sentence-transformers `Dense` module (random weights, std 0.2 scaled, with bias) after the Pooling
+    module of the model directory `path`, before any Normalize, as sentence-transformers saves one: a folder
+    `2_Dense` with config.json and model.safetensors. activation: "tanh" or "identity" (stella-style
+    projections). Returns `path`."""
+    from sentence_transformers.models import Dense
+
+    modules = json.load(open(os.path.join(path, "modules.json")))
+    pooling = next(m for m in modules if m["type"].endswith("Pooling"))
+    in_features = json.load(open(os.path.join(path, pooling["path"], "config.json")))["word_embedding_dimension"]
+    torch.manual_seed(seed)
+    act = torch.nn.Tanh() if activation == "tanh" else torch.nn.Identity()
+    dense = Dense(in_features, out_features, bias=True, activation_function=act)
+    with torch.no_grad():
+        dense.linear.weight.normal_(0, 1.0 / math.sqrt(in_features))
+        dense.linear.bias.normal_(0, 0.2)
+    os.makedirs(os.path.join(path, "2_Dense"), exist_ok=True)
+    dense.save(os.path.join(path, "2_Dense"))
+    at = modules.index(pooling) + 1
+    modules.insert(at, {"idx": at, "name": str(at), "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    for i, m in enumerate(modules):
+        m["idx"], m["name"] = i, str(i)
+    _write_json(os.path.join(path, "modules.json"), modules)
+    return path

@@ -44,14 +44,17 @@ class SentenceTransformersConfig:
     max_seq_length: int | None = None
     prompts: dict = field(default_factory=dict)
     default_prompt_name: str | None = None
+    dense: tuple[str, ...] = ()  # the folders of the Dense modules after pooling, in order
 
     @staticmethod
     def read(model_dir: str) -> "SentenceTransformersConfig":
         modules = _read_json(os.path.join(model_dir, "modules.json")) or []
-        pooling, normalize = None, False
+        pooling, normalize, dense = None, False, []
         for module in modules:
             kind = module.get("type", "")
-            if kind.endswith("Pooling"):
+            if kind.endswith(".Dense"):
+                dense.append(module.get("path", ""))
+            elif kind.endswith("Pooling"):
                 pool_cfg = _read_json(os.path.join(model_dir, module.get("path", ""), "config.json")) or {}
                 if pool_cfg.get("pooling_mode_lasttoken"):
                     pooling = "last"
@@ -69,7 +72,8 @@ class SentenceTransformersConfig:
         st_cfg = _read_json(os.path.join(model_dir, "config_sentence_transformers.json")) or {}
         return SentenceTransformersConfig(
             pooling=pooling, normalize=normalize, max_seq_length=bert_cfg.get("max_seq_length"),
-            prompts=dict(st_cfg.get("prompts") or {}), default_prompt_name=st_cfg.get("default_prompt_name"))
+            prompts=dict(st_cfg.get("prompts") or {}), default_prompt_name=st_cfg.get("default_prompt_name"),
+            dense=tuple(dense))
 
 
 # what a served model can be asked to do; which of them a model serves follows from its head (ModelConfig.tasks)

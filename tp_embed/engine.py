@@ -30,6 +30,7 @@ from tp_embed.models.spec import ProcessorSetup
 from tp_embed.packing import pack
 from tp_embed.pooling import pool
 from tp_embed.protocol import Cmd, recv, recv_pooled, send_batch, send_command, send_pooled
+from tp_embed.st_modules import DenseStack
 from tp_embed.text import TextProcessor
 
 logger = logging.getLogger("tp_embed")
@@ -69,6 +70,10 @@ class Engine:
         self.pooling = None  # the model pools itself: its forward returns one vector per input
         if self.spec.default_pooling is not None:
             self.pooling = options.pooling or st.pooling or self.spec.default_pooling
+        # sentence-transformers' Dense modules after pooling, on each group's rank 0 (which pools)
+        self.dense = None
+        if self.is_driver and self.pooling is not None:
+            self.dense = DenseStack.load(self.model_dir, st.dense, self.config.embedding_size, self.device)
         has_st = os.path.isfile(os.path.join(self.model_dir, "modules.json"))
         self.normalize = options.normalize if options.normalize is not None else (st.normalize or not has_st)
         hf = self.config.hf_config
@@ -146,8 +151,9 @@ class Engine:
 
     @property
     def embedding_size(self) -> int:
-        """Size of the vectors this engine returns (before Matryoshka truncation)."""
-        return self.config.embedding_size
+        """Size of the vectors this engine returns (before Matryoshka truncation): the model's, or that of its
+        last sentence-transformers Dense module."""
+        return self.config.embedding_size if self.dense is None else self.dense.out_features
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -172,7 +178,8 @@ class Engine:
         out = self.model(batch, self.attention_backend)
         if self.pooling is None:
             return out.float().cpu()
-        return pool(out, batch.cu_seqlens, self.pooling).cpu()
+        pooled = pool(out, batch.cu_seqlens, self.pooling)
+        return (pooled if self.dense is None else self.dense(pooled)).cpu()
 
     def embed(self, sequences: list[list[int]], lanes: list | None = None,
               show_progress: bool = False, type_starts: list[int] | None = None) -> torch.Tensor:
