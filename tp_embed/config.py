@@ -76,11 +76,6 @@ class SentenceTransformersConfig:
             dense=tuple(dense))
 
 
-# what a served model can be asked to do; which of them a model serves follows from its head (ModelConfig.tasks)
-TASKS = ("embed", "score", "rerank", "classify")
-HEAD_ACTIVATIONS = ("sigmoid", "softmax", "identity")
-
-
 @dataclass(frozen=True)
 class HeadConfig:
     """A model that scores or classifies rather than embeds: its forward returns one row of logits per

@@ -93,10 +93,10 @@ def json_kind(value: object) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def check_num_inputs(raw: list) -> None:
+def check_num_inputs(raw: list, param: str = "input") -> None:
     if len(raw) > MAX_INPUTS:
-        raise APIError(400, f"input has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
-                       param="input")
+        raise APIError(400, f"{param} has {len(raw)} items; at most {MAX_INPUTS} are allowed per request",
+                       param=param)
 
 
 def parse_input(raw: object) -> tuple[list[str] | None, list[list[int]] | None]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from tp_embed.config import HeadConfig
-from tp_embed.openai_protocol import MAX_INPUTS, APIError, check_text, json_kind, parse_json_body
+from tp_embed.openai_protocol import APIError, check_num_inputs, check_text, json_kind, parse_json_body
 from tp_embed.pairs import QueryTooLongError, cut_documents, encode_pairs
 from tp_embed.text import InputTooLongError, TextProcessor
 
@@ -136,9 +136,7 @@ def parse_texts(raw: object, param: str) -> list[str]:
     texts = [raw] if isinstance(raw, str) else raw
     if not texts:
         raise APIError(400, f"{param} must not be an empty list", param=param)
-    if len(texts) > MAX_INPUTS:
-        raise APIError(400, f"{param} has {len(texts)} items; at most {MAX_INPUTS} are allowed per request",
-                       param=param)
+    check_num_inputs(texts, param)
     for i, t in enumerate(texts):
         where = param if isinstance(raw, str) else f"{param}[{i}]"
         if not isinstance(t, str):

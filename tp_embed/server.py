@@ -56,12 +56,12 @@ from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_nor
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
 from tp_embed.scoring import ScoringModel, check_task, prepare_classify, prepare_rerank, prepare_score
 from tp_embed.text import InputTooLongError
-from tp_embed.tracing import OFF, RequestTraceMiddleware, TracingError, request_trace, start_tracing
+from tp_embed.tracing import API_ROUTES, OFF, RequestTraceMiddleware, TracingError, request_trace, start_tracing
 
 logger = logging.getLogger("tp_embed")
 
-ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/metrics", "/tokenize", "/v1/rerank", "/rerank", "/v2/rerank",
-          "/v1/score", "/score", "/v1/classify", "/classify")
+# every route /metrics counts by name: the API's (which tracing and the request log follow too) and the others
+ROUTES = API_ROUTES | {"/v1/models", "/health", "/metrics"}
 # responses with more floats than this are serialized in the pool instead of on the event loop (~1 ms)
 INLINE_RENDER_FLOATS = 16384
 
@@ -414,9 +414,7 @@ class EmbeddingServer:
                 content = await loop.run_in_executor(self.pool, render_embeddings, *args)
             else:
                 content = render_embeddings(*args)
-        self.metrics.inputs.inc(len(vectors))
-        self.metrics.prompt_tokens.inc(prepared.num_tokens)
-        self.metrics.request_latency.observe(time.perf_counter() - start)
+        self.observe_request(start, len(vectors), prepared.num_tokens)
         return Response(content, media_type="application/json")
 
     async def run_task(self, request: Request, prepare) -> Response:
@@ -441,10 +439,14 @@ class EmbeddingServer:
             if not torch.isfinite(job.outputs).all():  # JSON has no NaN: say why rather than send invalid JSON
                 raise non_finite_error()
             response = json_response(task.finish(job.outputs))
-        self.metrics.inputs.inc(len(task.sequences))
-        self.metrics.prompt_tokens.inc(task.num_tokens)
-        self.metrics.request_latency.observe(time.perf_counter() - start)
+        self.observe_request(start, len(task.sequences), task.num_tokens)
         return response
+
+    def observe_request(self, start: float, num_inputs: int, num_tokens: int) -> None:
+        """A request answered 200: its inputs, tokens and latency since `start` into the metrics."""
+        self.metrics.inputs.inc(num_inputs)
+        self.metrics.prompt_tokens.inc(num_tokens)
+        self.metrics.request_latency.observe(time.perf_counter() - start)
 
     async def rerank(self, request: Request):
         return await self.run_task(request, prepare_rerank)
