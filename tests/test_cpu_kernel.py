@@ -88,6 +88,8 @@ def test_attention_layer_uses_the_kernel(causal):
     ("bad_groups", "multiple of key/value heads"),
     ("dtype", "float32 only"),
     ("out", "out must be contiguous"),
+    ("bias_heads", "rel_bias must be a contiguous float32"),
+    ("bias_short", "needs C \\+ 1 >= every sequence's length"),
 ])
 def test_kernel_refuses_bad_input(case, message):
     q, k, v, cu = fused_qkv([4, 6], 4, 2, 32)
@@ -106,8 +108,9 @@ def test_kernel_refuses_bad_input(case, message):
         q = q.double()
     elif case == "out":
         out = torch.empty(q.shape[0], q.shape[2], q.shape[1]).transpose(1, 2)
+    bias = {"bias_heads": torch.zeros(3, 11), "bias_short": torch.zeros(4, 9)}.get(case)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.tp_embed.varlen_attention(q, k, v, cu, False, 0.1, out)
+        torch.ops.tp_embed.varlen_attention(q, k, v, cu, False, 0.1, out, rel_bias=bias)
 
 
 def test_library_name_follows_source_cpu_and_torch(monkeypatch, tmp_path):

@@ -3,7 +3,10 @@
 // q [T, Hq, D], k and v [T, Hkv, D] (rows may be strided, e.g. views into one fused qkv output; the last
 // dimension must be contiguous), cu_seqlens [B + 1] int64 marking where each sequence starts, out
 // [T, Hq, D] contiguous. Each sequence attends to itself only; causal masks keys after the query. Query
-// head h reads key/value head h / (Hq / Hkv) (grouped-query attention).
+// head h reads key/value head h / (Hq / Hkv) (grouped-query attention). Optional: window >= 0 keeps the keys
+// at most that far from the query (the left side only when causal; only those keys are computed), softcap > 0
+// caps the scaled scores at softcap * tanh(s / softcap), and rel_bias [Hq, 2C + 1] adds rel_bias[h][j - i + C]
+// to score (i, j) after the cap (a relative position bias; C + 1 >= the longest sequence).
 //
 // Work is split into (sequence, head, up to TASK_ROWS query rows) tasks that ATen's threads take longest
 // first. A task copies its keys out once, transposed, then takes its rows BLOCK_ROWS at a
@@ -20,7 +23,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <optional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -84,6 +89,20 @@ inline float hsum(vf v) {
 
 struct Strides {
   int64_t q, k, v, out;  // floats between consecutive tokens
+};
+
+// What changes the scores beyond scale and causal, and the keys query i sees: [lo(i), hi(i)) of a sequence
+// of length L.
+struct Mods {
+  bool causal;
+  int64_t window;           // < 0: none
+  float softcap;            // <= 0: none
+  const float* rel_bias;    // [Hq][rel_stride] or null
+  int64_t rel_stride, rel_center;
+  int64_t lo(int64_t i) const { return window >= 0 ? std::max<int64_t>(0, i - window) : 0; }
+  int64_t hi(int64_t i, int64_t L) const {
+    return causal ? i + 1 : (window >= 0 ? std::min<int64_t>(L, i + window + 1) : L);
+  }
 };
 
 // scores[r][0:kb] = scale * q_r . k_j for rows [0, R); kt is [D][kpad] (keys zero past the last).
@@ -157,29 +176,35 @@ void with_rows(int64_t rows, Fn&& fn) {
   }
 }
 
-// Softmax of each row over its first keys[r] entries (the rest, to kb, become 0); 1 / sum -> inv_sum.
-void softmax_rows(float* scores, int64_t kpad, int64_t kb, int64_t rows, const int64_t* keys, float* inv_sum) {
+// Softmax of each row over its columns [lo[r], hi[r]) (the others in [c0, kb) become 0), after the soft-cap
+// and the bias row (bias[r][j] for column j, or none); 1 / sum -> inv_sum. c0 is a multiple of W.
+void softmax_rows(float* scores, int64_t kpad, int64_t c0, int64_t kb, int64_t rows, const int64_t* lo,
+                  const int64_t* hi, float softcap, const float* const* bias, float* inv_sum) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * kpad;
-    const int64_t n = keys[r];
-    const int64_t full = n / W * W;
-    vf m = splat(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < full; j += W) {
+    const int64_t a = lo[r], n = hi[r];
+    if (softcap > 0.0f)
+      for (int64_t j = a; j < n; ++j) s[j] = softcap * std::tanh(s[j] / softcap);
+    if (bias != nullptr)
+      for (int64_t j = a; j < n; ++j) s[j] += bias[r][j];
+    for (int64_t j = c0; j < a; ++j) s[j] = ninf;
+    for (int64_t j = n; j < kb; ++j) s[j] = ninf;
+    const int64_t used = (n + W - 1) / W * W;  // vectors holding the row's keys; the -inf ends -> 0
+    vf m = splat(ninf);
+    for (int64_t j = c0; j < used; j += W) {
       vf x = load(s + j);
       m = x > m ? x : m;
     }
-    float mx = hmax(m);
-    for (int64_t j = full; j < n; ++j) mx = std::max(mx, s[j]);
-    for (int64_t j = n; j < kb; ++j) s[j] = -std::numeric_limits<float>::infinity();
-    const vf mv = splat(mx);
+    const vf mv = splat(hmax(m));
     vf sum = {};
-    const int64_t used = (n + W - 1) / W * W;  // vectors holding the row's keys; the -inf tail -> 0
-    for (int64_t j = 0; j < used; j += W) {
+    for (int64_t j = c0; j < used; j += W) {
       vf e = exp_nonpositive(load(s + j) - mv);
       store(s + j, e);
       sum += e;
     }
-    // the masked tail came out as exp(-87) ~ 1e-38, nothing next to the maximum's exp(0) = 1 in the sum
+    // the masked ends came out as exp(-87) ~ 1e-38, nothing next to the maximum's exp(0) = 1 in the sum
+    for (int64_t j = c0; j < a; ++j) s[j] = 0.0f;
     for (int64_t j = n; j < kb; ++j) s[j] = 0.0f;
     inv_sum[r] = 1.0f / hsum(sum);
   }
@@ -187,57 +212,68 @@ void softmax_rows(float* scores, int64_t kpad, int64_t kb, int64_t rows, const i
 
 struct Task {
   int64_t start, len, head, heads, row0, rows;  // query heads [head, head + heads) share one key/value head
+  int64_t k0, k1;                               // the keys its rows see: [k0, k1) of the sequence
 };
 
 // One task: query rows [row0, row0 + rows) of one sequence for query heads that share a key/value head,
-// BLOCK_ROWS at a time after the keys are transposed once into kt [D][kpad]; values are read in place.
+// BLOCK_ROWS at a time after its keys [k0, k1) are transposed once into kt [D][kpad] (column c holds key
+// k0 + c); values are read in place. A block computes the columns from its first row's first key (rounded
+// down to a vector) to its last row's last.
 void attend_rows(const Task& t, const float* q, const float* k, const float* v, float* out, const Strides& st,
-                 int64_t D, int64_t group, bool causal, float scale, std::vector<float>& kt_buf,
+                 int64_t D, int64_t group, const Mods& mods, float scale, std::vector<float>& kt_buf,
                  std::vector<float>& score_buf) {
-  const int64_t L = t.len;
-  // causal: the task's last row sees keys [0, row0 + rows); the others are never needed
-  const int64_t keys_max = causal ? t.row0 + t.rows : L;
+  const int64_t L = t.len, k0 = t.k0, keys_max = t.k1 - t.k0;
   const int64_t kpad = (keys_max + W - 1) / W * W;
   const int64_t kv_head = t.head / group;
   if (static_cast<int64_t>(kt_buf.size()) < D * kpad) kt_buf.resize(D * kpad);
   if (static_cast<int64_t>(score_buf.size()) < BLOCK_ROWS * kpad) score_buf.resize(BLOCK_ROWS * kpad);
   float* kt = kt_buf.data();
-  const float* kh = k + t.start * st.k + kv_head * D;
+  const float* kh = k + (t.start + k0) * st.k + kv_head * D;
   for (int64_t d = 0; d < D; ++d) {
     float* row = kt + d * kpad;
     for (int64_t j = 0; j < keys_max; ++j) row[j] = kh[j * st.k + d];
     for (int64_t j = keys_max; j < kpad; ++j) row[j] = 0.0f;
   }
-  const float* vh = v + t.start * st.v + kv_head * D;
+  const float* vh = v + (t.start + k0) * st.v + kv_head * D;
   float* scores = score_buf.data();
-  int64_t keys[BLOCK_ROWS];
+  int64_t lo[BLOCK_ROWS], hi[BLOCK_ROWS];
+  const float* bias[BLOCK_ROWS];
   float inv_sum[BLOCK_ROWS];
   for (int64_t h = t.head; h < t.head + t.heads; ++h)
   for (int64_t b0 = t.row0; b0 < t.row0 + t.rows; b0 += BLOCK_ROWS) {
     const int64_t rows = std::min<int64_t>(BLOCK_ROWS, t.row0 + t.rows - b0);
-    // causal: this block needs keys [0, b0 + rows) only
-    const int64_t kb = causal ? (b0 + rows + W - 1) / W * W : kpad;
+    for (int64_t r = 0; r < rows; ++r) {
+      lo[r] = mods.lo(b0 + r) - k0;
+      hi[r] = mods.hi(b0 + r, L) - k0;
+      // column c is key k0 + c: its bias is rel_bias[h][k0 + c - i + center]
+      if (mods.rel_bias != nullptr) bias[r] = mods.rel_bias + h * mods.rel_stride + mods.rel_center + k0 - (b0 + r);
+    }
+    const int64_t c0 = lo[0] / W * W, kb = (hi[rows - 1] + W - 1) / W * W;
     const float* qh = q + (t.start + b0) * st.q + h * D;
     float* oh = out + (t.start + b0) * st.out + h * D;
-    for (int64_t r = 0; r < rows; ++r) keys[r] = causal ? b0 + r + 1 : L;
     const int64_t full = rows / MR * MR;
-    for (int64_t r = 0; r < full; r += MR) qk_rows<MR>(qh + r * st.q, st.q, kt, kpad, kb, D, scale, scores + r * kpad);
+    for (int64_t r = 0; r < full; r += MR)
+      qk_rows<MR>(qh + r * st.q, st.q, kt + c0, kpad, kb - c0, D, scale, scores + r * kpad + c0);
     with_rows(rows - full, [&](auto R) {
-      qk_rows<decltype(R)::value>(qh + full * st.q, st.q, kt, kpad, kb, D, scale, scores + full * kpad);
+      qk_rows<decltype(R)::value>(qh + full * st.q, st.q, kt + c0, kpad, kb - c0, D, scale,
+                                  scores + full * kpad + c0);
     });
-    softmax_rows(scores, kpad, kb, rows, keys, inv_sum);
+    softmax_rows(scores, kpad, c0, kb, rows, lo, hi, mods.softcap, mods.rel_bias != nullptr ? bias : nullptr,
+                 inv_sum);
     // a tile of rows stops at its last row's keys: the earlier rows' probabilities are zero past theirs
     for (int64_t r = 0; r < full; r += MR)
-      pv_rows<MR>(scores + r * kpad, kpad, vh, st.v, keys[r + MR - 1], D, inv_sum + r, oh + r * st.out, st.out);
+      pv_rows<MR>(scores + r * kpad + c0, kpad, vh + c0 * st.v, st.v, hi[r + MR - 1] - c0, D, inv_sum + r,
+                  oh + r * st.out, st.out);
     with_rows(rows - full, [&](auto R) {
-      pv_rows<decltype(R)::value>(scores + full * kpad, kpad, vh, st.v, keys[rows - 1], D, inv_sum + full,
-                                  oh + full * st.out, st.out);
+      pv_rows<decltype(R)::value>(scores + full * kpad + c0, kpad, vh + c0 * st.v, st.v, hi[rows - 1] - c0, D,
+                                  inv_sum + full, oh + full * st.out, st.out);
     });
   }
 }
 
 void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-                      bool causal, double scale, at::Tensor& out) {
+                      bool causal, double scale, at::Tensor& out, int64_t window, double softcap,
+                      const std::optional<at::Tensor>& rel_bias) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && out.device().is_cpu(),
               "varlen_attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
@@ -258,6 +294,16 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
   const int64_t B = cu_seqlens.numel() - 1;
   TORCH_CHECK(B >= 0 && cu[0] == 0 && cu[B] == T, "varlen_attention: cu_seqlens must run from 0 to num_tokens");
+  Mods mods{causal, window, static_cast<float>(softcap), nullptr, 0, 0};
+  if (rel_bias.has_value()) {
+    const at::Tensor& rb = *rel_bias;
+    TORCH_CHECK(rb.device().is_cpu() && rb.scalar_type() == at::kFloat && rb.dim() == 2 && rb.is_contiguous() &&
+                    rb.size(0) == Hq && rb.size(1) % 2 == 1,
+                "varlen_attention: rel_bias must be a contiguous float32 [heads, 2C + 1] CPU tensor");
+    mods.rel_bias = rb.data_ptr<float>();
+    mods.rel_stride = rb.size(1);
+    mods.rel_center = (rb.size(1) - 1) / 2;
+  }
 
   // Query heads that share a key/value head share a task (one transpose of the keys), as long as that
   // leaves at least two tasks a thread; else the group is halved until it does.
@@ -268,14 +314,17 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = cu[b + 1] - cu[b];
     TORCH_CHECK(len >= 0, "varlen_attention: cu_seqlens must not decrease");
+    TORCH_CHECK(mods.rel_bias == nullptr || len <= mods.rel_center + 1,
+                "varlen_attention: rel_bias [heads, 2C + 1] needs C + 1 >= every sequence's length");
     for (int64_t h = 0; h < Hq; h += heads_per_task)
-      for (int64_t r = 0; r < len; r += TASK_ROWS)
-        tasks.push_back({cu[b], len, h, heads_per_task, r, std::min<int64_t>(TASK_ROWS, len - r)});
+      for (int64_t r = 0; r < len; r += TASK_ROWS) {
+        const int64_t rows = std::min<int64_t>(TASK_ROWS, len - r);
+        tasks.push_back({cu[b], len, h, heads_per_task, r, rows, mods.lo(r), mods.hi(r + rows - 1, len)});
+      }
   }
   // longest first, taken in turn by whichever thread is free: the threads finish together
-  std::stable_sort(tasks.begin(), tasks.end(), [causal](const Task& a, const Task& b) {
-    const int64_t ka = causal ? a.row0 + a.rows : a.len, kb = causal ? b.row0 + b.rows : b.len;
-    return ka * a.rows * a.heads > kb * b.rows * b.heads;
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) {
+    return (a.k1 - a.k0) * a.rows * a.heads > (b.k1 - b.k0) * b.rows * b.heads;
   });
   const Strides st{q.stride(0), k.stride(0), v.stride(0), out.stride(0)};
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -286,14 +335,15 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> kt_buf, score_buf;
     for (int64_t i = next++; i < num_tasks; i = next++)
-      attend_rows(tasks[i], qp, kp, vp, op, st, D, group, causal, s, kt_buf, score_buf);
+      attend_rows(tasks[i], qp, kp, vp, op, st, D, group, mods, s, kt_buf, score_buf);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(tp_embed, m) {
-  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal, float scale, Tensor(a!) out) -> ()");
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal, float scale, Tensor(a!) out, "
+        "int window=-1, float softcap=0.0, Tensor? rel_bias=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tp_embed, CPU, m) { m.impl("varlen_attention", varlen_attention); }

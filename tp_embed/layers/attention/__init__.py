@@ -1,22 +1,29 @@
 """Attention over packed, unpadded batches.
 
-Sequences are packed end to end; `cu_seqlens` [B+1] marks their boundaries. Every backend computes
-softmax(q k^T * scale + mask) v per sequence, the mask causal or none and never across sequences, on
-q [num_tokens, heads, head_dim] and k/v [num_tokens, kv_heads, head_dim]. A model calls `plan_attention`
-once per batch (the per-batch work: FlashInfer's plan, the padded view's indices and mask) and
-`attn.run(q, k, v)` once per layer.
+Sequences are packed end to end; `cu_seqlens` [B+1] marks their boundaries. Every backend computes, per
+sequence and never across sequences, on q [num_tokens, heads, head_dim] and k/v [num_tokens, kv_heads, head_dim]:
+
+    score(i, j) = q_i . k_j * scale                   (scale: head_dim ** -0.5 unless given)
+    score = softcap * tanh(score / softcap)           (softcap: Gemma 2's logit soft-capping)
+    score += rel_bias[h, j - i + max_seqlen - 1]      (rel_bias [heads, 2 max_seqlen - 1]: MPNet's relative bias)
+    keys removed: j > i when causal; |i - j| > window (a sliding window: both sides, or the left when causal)
+    out_i = softmax_j(score) v
+
+A model calls `plan_attention` once per batch and kind of layer (the per-batch work: FlashInfer's plan, the
+padded view's indices and mask) and `attn.run(q, k, v)` once per layer.
 
 `select_attention` picks the backend:
 - CPU, backend "cpu_kernel" (the engine's choice when `tp_embed.kernels` compiled it), float32, head dim a
   multiple of 16: `CpuKernelAttention`, the compiled kernel, every sequence and head in one call, no padding.
 - CUDA with fp16/bf16 and a head dim FlashInfer supports, flashinfer installed, backend "auto" or
-  "flashinfer": `FlashInferAttention`, FlashInfer's ragged prefill.
+  "flashinfer", and no relative bias nor window on both sides: `FlashInferAttention`, FlashInfer's ragged
+  prefill (its `window_left` and soft-cap).
 - Other CPU cases: `PerSequenceAttention`, one sequence at a time with no padding and no mask (a padded
   batch computes every sequence at the longest one's length); short float32 sequences as two batched
   matmuls and a softmax, longer ones with SDPA.
-- Other CUDA cases (head dim 32 as in all-MiniLM-L6-v2, backend "sdpa"): `PaddedSdpaAttention`, PyTorch
-  SDPA on the batch scattered into a padded [B, heads, L, head_dim] view with a mask that keeps every
-  sequence to itself.
+- Other CUDA cases (head dim 32 as in all-MiniLM-L6-v2, a relative bias, a window on both sides, backend
+  "sdpa"): `PaddedSdpaAttention`, PyTorch SDPA on the batch scattered into a padded [B, heads, L, head_dim]
+  view with a mask that keeps every sequence to itself.
 """
 
 import torch
@@ -32,10 +39,12 @@ __all__ = ["Attention", "CpuKernelAttention", "FlashInferAttention", "PaddedSdpa
 Attention = CpuKernelAttention | FlashInferAttention | PaddedSdpaAttention | PerSequenceAttention
 
 
-def select_attention(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str = "auto") -> type:
+def select_attention(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str = "auto", *,
+                     bias: bool = False, two_sided_window: bool = False) -> type:
     """The attention class for this device, dtype and head dim. backend: "auto", "sdpa", "flashinfer" (an
     error where FlashInfer cannot run) or "cpu_kernel" (the compiled kernel where it takes the case, else
-    as "sdpa")."""
+    as "sdpa"). bias: a relative position bias; two_sided_window: a sliding window that is not causal
+    (FlashInfer takes neither)."""
     if backend == "cpu_kernel" and device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0:
         return CpuKernelAttention
     if backend not in ("sdpa", "cpu_kernel"):
@@ -44,18 +53,30 @@ def select_attention(device: torch.device, dtype: torch.dtype, head_dim: int, ba
         if backend == "flashinfer":
             if not fits:
                 raise ValueError(f"FlashInfer needs CUDA, fp16/bf16 and head_dim in {FLASHINFER_HEAD_DIMS}")
+            if bias or two_sided_window:
+                raise ValueError("FlashInfer takes neither a relative position bias nor a sliding window on both "
+                                 "sides: use --attention-backend auto or sdpa for this model")
             if not flashinfer_available():
                 raise ValueError("--attention-backend flashinfer: flashinfer is not installed (pip install '.[gpu]')")
             return FlashInferAttention
-        if fits and flashinfer_available():
+        if fits and not (bias or two_sided_window) and flashinfer_available():
             return FlashInferAttention
     return PerSequenceAttention if device.type == "cpu" else PaddedSdpaAttention
 
 
 def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                   causal: bool, dtype: torch.dtype, backend: str = "auto") -> Attention:
-    """The selected backend for cu_seqlens' device, planned for this batch: call `.run(q, k, v)` per layer."""
-    attn = select_attention(cu_seqlens.device, dtype, head_dim, backend)(num_heads, num_kv_heads, head_dim,
-                                                                         causal, dtype)
-    attn.plan(cu_seqlens, max_seqlen)
+                   causal: bool, dtype: torch.dtype, backend: str = "auto", *, scale: float | None = None,
+                   window: int | None = None, softcap: float | None = None,
+                   rel_bias: torch.Tensor | None = None) -> Attention:
+    """The selected backend for cu_seqlens' device, planned for this batch: call `.run(q, k, v)` per layer.
+    scale, softcap, rel_bias and window as the module docstring defines them."""
+    if rel_bias is not None and rel_bias.shape != (num_heads, 2 * max_seqlen - 1):
+        raise ValueError(f"rel_bias must be [heads, 2 * max_seqlen - 1] = [{num_heads}, {2 * max_seqlen - 1}], "
+                         f"not {list(rel_bias.shape)}")
+    if window is not None and window < 0:
+        raise ValueError(f"window must be >= 0, not {window}")
+    cls = select_attention(cu_seqlens.device, dtype, head_dim, backend, bias=rel_bias is not None,
+                           two_sided_window=window is not None and not causal)
+    attn = cls(num_heads, num_kv_heads, head_dim, causal, dtype, scale=scale, window=window, softcap=softcap)
+    attn.plan(cu_seqlens, max_seqlen, rel_bias)
     return attn

@@ -1,5 +1,7 @@
 """FlashInfer's ragged prefill (BatchPrefillWithRaggedKVCacheWrapper) on CUDA: fp16/bf16 and the head dims
-it was built for. `plan` hands the batch's boundaries to the kernel once per batch; `run` is one call."""
+it was built for. `plan` hands the batch's boundaries to the kernel once per batch; `run` is one call.
+It takes a causal sliding window (`window_left`, Gemma 2) and logit soft-capping; a window on both sides or a
+relative position bias goes to padded SDPA instead (`select_attention`)."""
 
 import torch
 
@@ -19,20 +21,28 @@ class FlashInferAttention:
     """softmax(q k^T * scale + mask) v per sequence, in FlashInfer's ragged prefill kernel."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool, dtype: torch.dtype,
-                 scale: float | None = None):
+                 scale: float | None = None, window: int | None = None, softcap: float | None = None):
+        if window is not None and not causal:
+            raise ValueError("FlashInfer's window_left limits the left side only: a window on both sides needs "
+                             "another backend")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.causal = causal
+        self.window, self.softcap = window, softcap
         self.dtype = dtype
         self.scale = scale if scale is not None else head_dim ** -0.5
 
-    def plan(self, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+    def plan(self, cu_seqlens: torch.Tensor, max_seqlen: int, rel_bias: torch.Tensor | None = None) -> None:
         import flashinfer
+
+        if rel_bias is not None:
+            raise ValueError("FlashInfer takes no additive bias: a relative position bias needs another backend")
         device = cu_seqlens.device
         if device not in _WORKSPACES:
             _WORKSPACES[device] = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
         self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_WORKSPACES[device], "NHD")
         indptr = cu_seqlens.to(torch.int32)
         self.wrapper.plan(indptr, indptr, self.num_heads, self.num_kv_heads, self.head_dim, causal=self.causal,
+                          window_left=-1 if self.window is None else self.window, logits_soft_cap=self.softcap,
                           sm_scale=self.scale, q_data_type=self.dtype, kv_data_type=self.dtype)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

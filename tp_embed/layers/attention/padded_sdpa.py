@@ -1,27 +1,31 @@
 """PyTorch SDPA on the packed batch scattered into a padded [B, heads, L, head_dim] view, with a mask that
-keeps every sequence to itself (and causal where asked). CUDA cases FlashInfer does not take, such as
-all-MiniLM-L6-v2's head dim 32."""
+keeps every sequence to itself (and causal where asked). CUDA cases FlashInfer does not take: all-MiniLM-L6-v2's
+head dim 32, a relative position bias (MPNet), a window on both sides (ModernBERT, EmbeddingGemma); those
+two enter as a float mask. Soft-capping computes the scores explicitly (SDPA has no soft-cap)."""
 
 import torch
 import torch.nn.functional as F
 
+from tp_embed.layers.attention.mask import score_bias, softcapped
 from tp_embed.layers.attention.per_sequence import attend_one
 
 
 class PaddedSdpaAttention:
-    """softmax(q k^T * scale + mask) v on the padded batch; mask is causal or none, never across sequences."""
+    """softmax(q k^T * scale + mask) v on the padded batch; never across sequences."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool, dtype: torch.dtype,
-                 scale: float | None = None):
+                 scale: float | None = None, window: int | None = None, softcap: float | None = None):
         self.causal = causal
         self.scale = scale if scale is not None else head_dim ** -0.5
-        self.enable_gqa = num_heads != num_kv_heads
+        self.window, self.softcap = window, softcap
+        self.group = num_heads // num_kv_heads
 
-    def plan(self, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+    def plan(self, cu_seqlens: torch.Tensor, max_seqlen: int, rel_bias: torch.Tensor | None = None) -> None:
         device = cu_seqlens.device
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         self.num_seqs = lens.numel()
         self.max_seqlen = max_seqlen
+        self.rel_bias = rel_bias
         if self.num_seqs == 1:  # nothing to pad: `run` attends the one sequence as it is
             self.seq_idx = self.pos_idx = self.mask = None
             return
@@ -30,17 +34,29 @@ class PaddedSdpaAttention:
         self.pos_idx = torch.arange(self.seq_idx.numel(), device=device) - cu_seqlens[:-1].long()[self.seq_idx]
         ar = torch.arange(max_seqlen, device=device)
         mask = (ar[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]: keys inside the sequence
-        if self.causal:
-            mask = mask & (ar[None, :] <= ar[:, None])[None, None]  # [B, 1, L, L]
-        self.mask = mask
+        bias = score_bias(max_seqlen, self.causal, self.window, rel_bias, device)  # [heads or 1, L, L]
+        if bias is not None:  # a float mask: the bias, -inf past each sequence's end
+            self.mask = bias[None].masked_fill(~mask, float("-inf"))
+        elif self.causal:
+            self.mask = mask & (ar[None, :] <= ar[:, None])[None, None]  # [B, 1, L, L]
+        else:
+            self.mask = mask
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim]."""
         if self.num_seqs == 1:
-            return attend_one(q, k, v, self.causal, self.scale)
-        padded = [_pad(x, self.seq_idx, self.pos_idx, self.num_seqs, self.max_seqlen) for x in (q, k, v)]
-        o = F.scaled_dot_product_attention(*padded, attn_mask=self.mask, scale=self.scale,
-                                           enable_gqa=self.enable_gqa)  # [B, heads, L, head_dim]
+            return attend_one(q, k, v, self.causal, self.scale, self.window, self.softcap, self.rel_bias)
+        q, k, v = (_pad(x, self.seq_idx, self.pos_idx, self.num_seqs, self.max_seqlen) for x in (q, k, v))
+        mask = self.mask if self.mask.dtype == torch.bool else self.mask.to(q.dtype)
+        if self.softcap is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.group > 1)  # [B, heads, L, head_dim]
+        else:
+            if self.group > 1:
+                k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
+            scores = softcapped(q @ k.transpose(-1, -2) * self.scale, self.softcap)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            o = scores.softmax(-1) @ v
         return o.transpose(1, 2)[self.seq_idx, self.pos_idx]
 
 
