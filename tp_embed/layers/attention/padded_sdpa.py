@@ -54,9 +54,10 @@ class PaddedSdpaAttention:
         else:
             if self.group > 1:
                 k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
-            scores = softcapped(q @ k.transpose(-1, -2) * self.scale, self.softcap)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            o = scores.softmax(-1) @ v
+            # in float32, as SDPA accumulates
+            scores = softcapped(q.float() @ k.float().transpose(-1, -2) * self.scale, self.softcap)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+            o = (scores.softmax(-1) @ v.float()).to(q.dtype)
         return o.transpose(1, 2)[self.seq_idx, self.pos_idx]
 
 

@@ -30,13 +30,16 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, 
         group = num_heads // k.shape[1]
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dtype = q.dtype
+        if dtype != torch.float32:  # bf16/fp16 scores in float32, as SDPA accumulates
+            q, k, v = q.float(), k.float(), v.float()
         scores = softcapped(torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0)).mul_(scale), softcap)  # [heads, L, L]
         if bias is not None:
-            scores += bias.to(scores.dtype)
+            scores += bias
         elif causal:
             scores.masked_fill_(torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu_(1),
                                 float("-inf"))
-        return torch.bmm(scores.softmax(-1), v.transpose(0, 1)).transpose(0, 1)  # [L, heads, head_dim]
+        return torch.bmm(scores.softmax(-1), v.transpose(0, 1)).transpose(0, 1).to(dtype)  # [L, heads, head_dim]
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                        v.transpose(0, 1)[None],
                                        attn_mask=None if bias is None else bias[None].to(q.dtype),
