@@ -28,3 +28,10 @@ def tiny_mistral_dir(tmp_path_factory) -> str:
 def minilm_dir() -> str:
     from tp_embed.model_path import default_model_dir
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def family_jobs(tmp_path_factory):
+    """MPNet, ModernBERT and Gemma checkpoints embedded at tp = 1, 2, 4 in one job per tp (tests/family_jobs.py)."""
+    import family_jobs as jobs
+    return jobs.run(tmp_path_factory)

@@ -43,3 +43,20 @@ def cosines(a, b):
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def load_output(outputs: dict, tp: int, name: str, suffix: str = "npy"):
+    """What tests/embed_models.py wrote for model `name` in the job at `tp` (outputs: tp -> directory)."""
+    import numpy as np
+
+    return np.load(os.path.join(outputs[tp], f"{name}.{suffix}"))
+
+
+def assert_matches_reference(ours, reference, label: str, bound: float = 0.99999) -> None:
+    """Same shape, cosine >= bound for every vector, and unit norms (the served vectors are normalized)."""
+    import numpy as np
+
+    assert ours.shape == reference.shape, f"{label}: shape {ours.shape} != {reference.shape}"
+    cos = cosines(ours, reference)
+    assert cos.min() >= bound, f"{label}: min cosine {cos.min():.7f} at text {cos.argmin()}"
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)

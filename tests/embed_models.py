@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node N tests/embed_models.py SPEC.json
 
-SPEC: {"tp": N, "out_dir": DIR, "texts": [...], "models": [{"name": ..., "flags": [...], "alone": bool}]}.
+SPEC: {"tp": N, "out_dir": DIR, "texts": [...], "models": [{"name": ..., "flags": [...], "alone": bool}]}; a
+model may carry its own "texts".
 Rank 0 writes DIR/NAME.npy (the texts in one call, packed into mixed batches), DIR/NAME.alone.npy (each
 text in a batch of its own) when asked; every rank writes DIR/NAME.rank{R}.json with its parameter bytes
 and what the loader read. One job for all models saves starting torch once per model.
@@ -46,7 +47,8 @@ def main() -> None:
             engine.worker_loop()
             continue
         prompt = engine.text.prompt(args.prompt_name)
-        seqs = engine.text.encode(texts, truncate=args.truncate or args.allow_auto_truncate, prompt=prompt)
+        seqs = engine.text.encode(model.get("texts", texts), truncate=args.truncate or args.allow_auto_truncate,
+                                  prompt=prompt)
 
         def finish(vectors: torch.Tensor) -> np.ndarray:
             return truncate_and_normalize(vectors, args.dimensions, engine.normalize).numpy()

@@ -222,6 +222,10 @@ TESTED_FAMILIES = {
     "BERT cross-encoder / classifier": {"tests/test_rerank.py", "tests/test_server_rerank.py"},
     "XLM-RoBERTa cross-encoder / classifier": {"tests/test_rerank.py"},
     "Decoder reranker / classifier": {"tests/test_rerank.py", "tests/test_server_rerank.py"},
+    "MPNet": {"tests/test_mpnet.py"},
+    "ModernBERT": {"tests/test_modernbert.py"},
+    "Gemma 2": {"tests/test_gemma.py"},
+    "Gemma 3 text": {"tests/test_gemma.py"},
 }
 
 
@@ -257,7 +261,8 @@ def test_models_md_lists_the_tested_families():
         # every test case or function the cell names in backticks exists in those tests or the tiny
         # checkpoints they build
         sources = "".join(Path(REPO, f).read_text()
-                          for f in named | {"tests/tiny_models.py", "tests/tiny_clip.py", "tests/tiny_rerankers.py"})
+                          for f in named | {"tests/tiny_models.py", "tests/tiny_clip.py", "tests/tiny_rerankers.py",
+                                            "tests/tiny_mpnet.py", "tests/tiny_modernbert.py", "tests/tiny_gemma.py"})
         for ident in re.findall(r"`([a-z_][a-z0-9_]*)`", row["test"]):
             assert ident in sources, f"{family}: `{ident}` is named in docs/models.md but in none of {sorted(named)}"
         documented_archs |= set(re.findall(r"`([A-Z]\w+)`", row["architectures in config.json"]))

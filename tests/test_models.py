@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import tiny_models as tm
-from dist_utils import cosines, embed_models
+from dist_utils import assert_matches_reference, cosines, embed_models
+from dist_utils import load_output as load
 
 TPS = (1, 2, 4)
 BOUND = 0.99999
@@ -61,9 +62,6 @@ def outputs(checkpoints, tmp_path_factory):
     return dirs
 
 
-def load(outputs, tp, name, suffix="npy"):
-    return np.load(os.path.join(outputs[tp], f"{name}.{suffix}"))
-
 
 @pytest.fixture(scope="module")
 def references(checkpoints):
@@ -74,11 +72,7 @@ def references(checkpoints):
 @pytest.mark.parametrize("name", ["mistral", "mistral_sharded", "qwen2", "qwen3",
                                   "bert", "bert_prefixed", "xlmr", "xlmr_prefixed", "bert_dense", "qwen3_dense"])
 def test_matches_sentence_transformers(outputs, references, name, tp):
-    ours = load(outputs, tp, name)
-    assert ours.shape == references[name].shape
-    cos = cosines(ours, references[name])
-    assert cos.min() >= BOUND, f"{name} tp={tp}: min cosine {cos.min():.7f} at text {cos.argmin()}"
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert_matches_reference(load(outputs, tp, name), references[name], f"{name} tp={tp}", BOUND)
 
 
 def test_dense_modules_set_the_vector_size(outputs):

@@ -51,7 +51,8 @@ def test_unsupported_architecture_lists_supported(tmp_path, mistral):
     msg = str(e.value)
     assert "unsupported architecture ['MistralForTokenClassification']" in msg
     for arch in ("MistralModel", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "BertModel", "XLMRobertaModel",
-                 "MistralForSequenceClassification", "BertForSequenceClassification"):
+                 "MistralForSequenceClassification", "BertForSequenceClassification", "MPNetForMaskedLM",
+                 "ModernBertModel", "Gemma2Model", "Gemma3TextModel"):
         assert arch in msg
 
 

@@ -446,6 +446,20 @@ def _prefix_checkpoint(path: str, prefix: str, extra: dict[str, torch.Tensor], a
     _write_json(cfg_file, cfg)
 
 
+def mlm_head_tensors(prefix: str, dense: str, norm: str, vocab_size: int, hidden: int, seed: int,
+                     std: float) -> dict[str, torch.Tensor]:
+    """Random tensors of a masked-LM head (an output bias, a dense layer and a LayerNorm) under `prefix`, for a
+    *ForMaskedLM checkpoint whose head the engine must skip."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        f"{prefix}bias": torch.randn(vocab_size, generator=gen) * std,
+        f"{prefix}{dense}weight": torch.randn(hidden, hidden, generator=gen) * std,
+        f"{prefix}{dense}bias": torch.randn(hidden, generator=gen) * std,
+        f"{prefix}{norm}weight": 1 + torch.randn(hidden, generator=gen) * std,
+        f"{prefix}{norm}bias": torch.randn(hidden, generator=gen) * std,
+    }
+
+
 def _legacy_config(path: str) -> None:
     """Rewrite config.json the way pre-v5 checkpoints (e5-mistral, gte-Qwen2, Qwen3-Embedding) spell it:
     top-level "rope_theta" instead of "rope_parameters", "torch_dtype" instead of "dtype"."""
@@ -716,15 +730,8 @@ def make_bert(
                          max_position_embeddings=max_position_embeddings)
     build_and_save(lambda: BertModel(config, add_pooling_layer=with_pooler), tokenizer, path, seed, std)
     if with_prefix:
-        gen = torch.Generator().manual_seed(seed + 1)
-        h = hidden_size
-        extra = {
-            "cls.predictions.bias": torch.randn(vocab_size, generator=gen) * std,
-            "cls.predictions.transform.dense.weight": torch.randn(h, h, generator=gen) * std,
-            "cls.predictions.transform.dense.bias": torch.randn(h, generator=gen) * std,
-            "cls.predictions.transform.LayerNorm.weight": 1 + torch.randn(h, generator=gen) * std,
-            "cls.predictions.transform.LayerNorm.bias": torch.randn(h, generator=gen) * std,
-        }
+        extra = mlm_head_tensors("cls.predictions.", "transform.dense.", "transform.LayerNorm.", vocab_size,
+                                 hidden_size, seed + 1, std)
         _prefix_checkpoint(path, "bert.", extra, ["BertForMaskedLM"])
     _write_st_files(path, hidden_size, pooling, max_seq_length, prompts, normalize=normalize)
     return path

@@ -162,6 +162,21 @@ def check_tp_divides_heads(tp_size: int, num_heads: int, name: str) -> None:
         raise tp_error(tp_size, f"does not divide num_attention_heads={num_heads} of {name}", divisors(num_heads))
 
 
+def encoder_config(hf, tp_size: int, name: str, **fields) -> ModelConfig:
+    """A bidirectional encoder with as many key/value heads as query heads (BERT, MPNet, ModernBERT): the
+    fields such families read alike from their transformers config `hf`; `fields` gives the rest (norm_eps,
+    hidden_act, gated_mlp, ...) and overrides any. Raises ConfigError for a tp that does not divide the heads."""
+    num_heads = hf.num_attention_heads
+    check_tp_divides_heads(tp_size, num_heads, name)
+    shared = dict(
+        hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_heads,
+        head_dim=hf.hidden_size // num_heads, intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings, causal=False, tp_size=tp_size,
+        num_local_heads=num_heads // tp_size, num_local_kv_heads=num_heads // tp_size,
+        vocab_size_padded=pad_vocab(hf.vocab_size, tp_size), embedding_size=hf.hidden_size, hf_config=hf)
+    return ModelConfig(**{**shared, **fields})
+
+
 def pad_vocab(vocab_size: int, tp_size: int) -> int:
     """The vocabulary rounded up to a multiple of tp (each rank holds as many rows)."""
     return -(-vocab_size // tp_size) * tp_size

@@ -15,11 +15,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.weight.weight_loader = replicated_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x / sqrt(mean(x^2) + eps) in float32."""
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.normalized(x).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's: y = x / sqrt(mean(x^2) + eps) * (1 + w), the scale applied in float32 before the cast back
+    (Llama's casts first, then scales by w)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -11,11 +11,11 @@ from torch import nn
 
 from tp_embed.config import EngineConfig, ModelConfig, read_hf_config
 from tp_embed.errors import ConfigError
-from tp_embed.models import bert, clip, decoder, qwen2_vl
+from tp_embed.models import bert, clip, decoder, gemma, modernbert, mpnet, qwen2_vl
 from tp_embed.models.spec import FAMILY_FLAGS, ModelSpec
 
 SPECS = (decoder.SPEC, bert.SPEC, qwen2_vl.SPEC, clip.SPEC, decoder.CLASSIFIER_SPEC, bert.BERT_CLASSIFIER_SPEC,
-         bert.XLMR_CLASSIFIER_SPEC)
+         bert.XLMR_CLASSIFIER_SPEC, mpnet.SPEC, modernbert.SPEC, gemma.GEMMA2_SPEC, gemma.GEMMA3_SPEC)
 ARCHITECTURES = {arch: spec for spec in SPECS for arch in spec.architectures}
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from tp_embed.batch import Batch
-from tp_embed.config import ModelConfig, check_tp_divides_heads, pad_vocab
+from tp_embed.config import ModelConfig, encoder_config
 from tp_embed.layers.attention import Attention, plan_attention
 from tp_embed.layers.linear import (
     FUSABLE_ACTIVATIONS,
@@ -121,16 +121,10 @@ class BertClassifier(BertModel):
 
 
 def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
-    num_heads = hf.num_attention_heads
-    check_tp_divides_heads(tp_size, num_heads, name)
-    return ModelConfig(
-        hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
-        intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, norm_eps=hf.layer_norm_eps,
-        max_position_embeddings=hf.max_position_embeddings, causal=False, hidden_act=hf.hidden_act,
-        gated_mlp=False, tp_size=tp_size, num_local_heads=num_heads // tp_size,
-        num_local_kv_heads=num_heads // tp_size, vocab_size_padded=pad_vocab(hf.vocab_size, tp_size),
-        embedding_size=hf.hidden_size, hf_config=hf, qkv_bias=True, type_vocab_size=hf.type_vocab_size,
+    return encoder_config(
+        hf, tp_size, name, head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act, gated_mlp=False, qkv_bias=True,
+        type_vocab_size=hf.type_vocab_size,
         position_offset=hf.pad_token_id + 1 if hf.model_type == "xlm-roberta" else 0)
 
 

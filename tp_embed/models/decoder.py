@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from tp_embed.batch import Batch
 from tp_embed.config import ModelConfig, check_tp_divides_heads, divisors, pad_vocab, tp_error
@@ -27,15 +28,18 @@ from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """o_proj(attention(rope(q_norm(q)), rope(k_norm(k)), v)); `norm` is the q/k norm's class (Qwen3's RMSNorm,
+    Gemma 3's GemmaRMSNorm), o_bias whether o_proj has a bias (Gemma's attention_bias)."""
+
+    def __init__(self, cfg: ModelConfig, norm: type[RMSNorm] = RMSNorm, o_bias: bool = False):
         super().__init__()
         self.cfg = cfg
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                                           bias=cfg.qkv_bias)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         cfg = self.cfg
@@ -51,19 +55,23 @@ class DecoderAttention(nn.Module):
         return self.o_proj(o.reshape(num_tokens, cfg.q_size))
 
 
+GATED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama, Qwen), GeGLU (Gemma)
+
+
 class DecoderMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); gate and up are one column-parallel matmul."""
+    """down(act(gate(x)) * up(x)), act silu or tanh GELU; gate and up are one column-parallel matmul."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"decoder MLP supports hidden_act 'silu', not {cfg.hidden_act!r}")
+        if cfg.hidden_act not in GATED_ACTIVATIONS:
+            raise ValueError(f"decoder MLP supports hidden_act {GATED_ACTIVATIONS}, not {cfg.hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.act = ACT2FN[cfg.hidden_act]
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,72 @@
+"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma) and ONE torchrun job per tp that embeds
+all of them: torch and gloo start three times instead of nine. tests/test_mpnet.py, test_modernbert.py and
+test_gemma.py read their models' outputs from the session fixture `family_jobs` (tests/conftest.py); each
+file's docstring says what its models are for."""
+
+from dataclasses import dataclass
+
+import tiny_gemma as tg
+import tiny_models as tm
+import tiny_modernbert as tmb
+from dist_utils import embed_models
+from tiny_mpnet import make_mpnet
+
+TPS = (1, 2, 4)
+TEXTS = tm.MIXED_TEXTS
+MPNET_TEXTS = tm.MIXED_TEXTS + [tm.LONG_TEXT]  # cut to 256 tokens: distances past the bias's 128
+MODERNBERT_FULL_WINDOW = 1024  # local_attention that covers every text
+
+
+@dataclass(frozen=True)
+class FamilyJobs:
+    checkpoints: dict  # name -> model directory
+    dirs: dict  # tp -> output directory (tests/embed_models.py's files)
+
+
+def build_checkpoints(root) -> dict:
+    gte = tmb.make_modernbert(str(root / "gte"), legacy_config=True)
+    return {
+        "mpnet": make_mpnet(str(root / "mpnet")),
+        # the MPNetForMaskedLM layout: `mpnet.` keys and an lm_head to ignore
+        "mpnet_prefixed": make_mpnet(str(root / "mpnet_prefixed"), seed=1, with_prefix=True),
+        "gte": gte,
+        "nomic": tmb.make_modernbert(str(root / "nomic"), seed=1, pooling="mean", masked_lm=True, bias=True),
+        "gte_full": tmb.with_local_attention(gte, str(root / "gte_full"), MODERNBERT_FULL_WINDOW),
+        "gemma2": tg.make_gemma2(str(root / "gemma2")),
+        "embeddinggemma": tg.make_embeddinggemma(str(root / "embeddinggemma")),
+        # gemma-3-1b layout: `model.` keys, an lm_head to skip, causal with a one-sided window
+        "gemma3_causal": tg.make_embeddinggemma(str(root / "gemma3_causal"), seed=1,
+                                                use_bidirectional_attention=False, architecture="Gemma3ForCausalLM"),
+    }
+
+
+def model_specs(ck: dict, tp: int) -> list[dict]:
+    def model(name, *flags, path=None, alone=False, **extra):
+        return {"name": name, "flags": ["--model-path", ck[path or name], *flags], "alone": alone, **extra}
+
+    specs = [
+        model("mpnet", "--truncate", alone=True, texts=MPNET_TEXTS),
+        model("mpnet_prefixed", "--truncate", texts=MPNET_TEXTS),
+        model("gte", alone=True),
+        model("nomic"),
+        model("gemma2"),
+        model("embeddinggemma", alone=True),
+        model("gemma3_causal"),
+        model("embeddinggemma_query", "--prompt-name", "query", path="embeddinggemma"),
+    ]
+    if tp == 1:  # ModernBERT with PyTorch's attention (the others take the compiled CPU kernel where it builds)
+        specs.append(model("gte_torch", "--cpu-attention", "torch", path="gte"))
+    if tp == 2:
+        specs += [model("gte_full"),
+                  model("gemma2_no_softcap", "--json-model-override-args", '{"attn_logit_softcapping": null}',
+                        path="gemma2")]
+    return specs
+
+
+def run(tmp_path_factory) -> FamilyJobs:
+    checkpoints = build_checkpoints(tmp_path_factory.mktemp("families"))
+    dirs = {}
+    for tp in TPS:
+        dirs[tp] = str(tmp_path_factory.mktemp(f"families_tp{tp}"))
+        embed_models(tp, dirs[tp], TEXTS, model_specs(checkpoints, tp))
+    return FamilyJobs(checkpoints, dirs)
