@@ -2,6 +2,9 @@
 
     torchrun --nproc-per-node 2 benchmarks/bench_engine.py --tp 2 --seq-lens 128,512 --batch-tokens 8192
     python benchmarks/bench_engine.py --model-path cfg_dir --load-format dummy --dtype bfloat16 ...
+    python benchmarks/bench_engine.py --shape gte-modernbert-base --seq-lens 128,512,2048
+
+--shape NAME times a published model's shape with random weights (benchmarks/shapes.py lists them).
 
 For each (input length, batch token budget) it packs budget // length inputs of that length into one
 batch and times full forward passes (broadcast, every rank's shard, pooling) after warm-up. On CUDA it
@@ -13,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -22,6 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tp_embed.args import add_engine_args, parse_with_config  # noqa: E402
 from tp_embed.config import EngineConfig, ModelConfig  # noqa: E402
 from tp_embed.distributed import destroy_distributed  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import SHAPES, write_shape  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -124,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=2, help="untimed batches per point (default 2)")
     g.add_argument("--iters", type=int, default=5, help="timed batches per point; the median is reported (default 5)")
     g.add_argument("--output-json", default=None, help="write the results here")
+    g.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="time this published model's shape with random weights instead of --model-path")
+    g.add_argument("--shape-layers", type=int, default=None,
+                   help="with --shape: this many layers instead of the model's (a model too large for the machine)")
     return p
 
 
@@ -131,7 +142,13 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     from tp_embed.engine import Engine
 
     args = parse_with_config(build_parser(), argv)
-    engine = Engine(EngineConfig.from_args(args), show_progress=False)
+    if args.shape:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.model_path = write_shape(os.path.join(tmp, args.shape), args.shape, args.shape_layers)
+            args.load_format = "dummy"
+            engine = Engine(EngineConfig.from_args(args), show_progress=False)
+    else:
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
     if not engine.is_driver:
         engine.worker_loop()
         destroy_distributed()

@@ -33,21 +33,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_engine  # noqa: E402
+from shapes import write_tiny_tokenizer  # noqa: E402
 
 E5_MISTRAL_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
                         rms_norm_eps=1e-5, rope_theta=10000.0)
-
-
-def write_tiny_tokenizer(path: str, vocab_size: int) -> None:
-    """A word-level tokenizer (the benchmarks feed token ids; the engine only needs one to exist)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, min(vocab_size, 1000))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", model_max_length=32768).save_pretrained(path)
 
 
 def write_shape_dir(path: str, shape: dict, architecture: str = "MistralModel") -> str:

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench_engine  # noqa: E402
 import gpu_check  # noqa: E402
+import shapes  # noqa: E402
 from tp_embed.models import load_config  # noqa: E402
 
 
@@ -50,3 +51,22 @@ def test_run_on_a_tiny_random_model(tmp_path):
     assert all(p["tokens_per_s"] > 0 and "mfu" not in p for p in points)
     result = json.load(open(out))
     assert result["points"] == points and result["device"] == "cpu" and result["matmul_peak_tflops"] is None
+
+
+@pytest.mark.parametrize("name", sorted(shapes.SHAPES))
+def test_every_shape_loads_as_its_family(tmp_path, name):
+    """Each published shape writes a config the engine accepts, at the model's real sizes, and
+    --shape-layers cuts only the layer count."""
+    architecture, _, fields = shapes.SHAPES[name]
+    spec, cfg = load_config(shapes.write_shape(str(tmp_path / name), name))
+    assert architecture in spec.architectures
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (
+        fields["hidden_size"], fields["num_hidden_layers"], fields["num_attention_heads"])
+    _, cut = load_config(shapes.write_shape(str(tmp_path / f"{name}-2"), name, num_layers=2))
+    assert cut.num_layers == 2 and cut.hidden_size == cfg.hidden_size
+
+
+def test_run_a_published_shape(tmp_path):
+    points = bench_engine.main(["--shape", "all-MiniLM-L6-v2", "--seq-lens", "16", "--batch-tokens", "64",
+                                "--warmup", "0", "--iters", "1"])
+    assert [(p["seq_len"], p["num_seqs"]) for p in points] == [(16, 4)] and points[0]["tokens_per_s"] > 0
