@@ -10,6 +10,9 @@ Steps, each recorded even when a later one fails:
      mixed-length batch, next to transformers' MistralModel (SDPA, padded batches) on the same GPU
   3. the sharded CUDA path at tp = 2 on one GPU (gloo): offline embeddings vs tp = 1, float32 and bf16
   4. FlashInfer vs SDPA on random packed batches (the GPU-marked tests of tests/test_attention.py)
+  4b. the newer families (MPNet, ModernBERT, EmbeddingGemma, Gemma 2 with head dim 64 so FlashInfer takes
+     it) on tiny checkpoints: CUDA bf16 and float32 at tp = 1 and 2 against the CPU float32 path (which
+     tests/test_mpnet.py, test_modernbert.py and test_gemma.py hold to sentence-transformers)
   5. the batch budget: the startup profiling pass caps an oversized --max-batch-tokens to free memory,
      and a batch of the capped size runs
 It writes gpu_check.json and gpu_check.md to --out.
@@ -116,6 +119,58 @@ def step_tp2_one_gpu(work: str) -> dict:
         if len(outs) == 2:
             cos = (outs[1] * outs[2]).sum(1) / (np.linalg.norm(outs[1], axis=1) * np.linalg.norm(outs[2], axis=1))
             results[f"{dtype}_min_cosine_tp2_vs_tp1"] = float(cos.min())
+    return results
+
+
+def offline_embed(model_dir: str, texts: str, out: str, tp: int, device: str, dtype: str) -> str | None:
+    """tp_embed.offline at tp (gloo; on one GPU every rank shares it) -> out.npy; the error tail, or None."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+           "-m", "tp_embed.offline", "--model-path", model_dir, "--tp", str(tp), "--device", device,
+           "--dist-backend", "gloo", "--dtype", dtype, "--input", texts, "--output", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return proc.stderr[-2000:] if proc.returncode != 0 else None
+
+
+def step_families(work: str, device: str = "cuda") -> dict:
+    """The newer families' tiny checkpoints on `device` in bf16 and float32 at tp = 1 and 2, against the CPU
+    float32 path: the minimum cosine per (family, dtype, tp)."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import tiny_gemma
+    import tiny_models
+    import tiny_modernbert
+    import tiny_mpnet
+
+    root = os.path.join(work, "families")
+    models = {
+        "mpnet": tiny_mpnet.make_mpnet(os.path.join(root, "mpnet")),
+        "modernbert": tiny_modernbert.make_modernbert(os.path.join(root, "modernbert")),
+        "embeddinggemma": tiny_gemma.make_embeddinggemma(os.path.join(root, "embeddinggemma")),
+        # head dim 64: FlashInfer's causal window and soft-cap, not the padded SDPA fallback
+        "gemma2": tiny_gemma.make_gemma2(os.path.join(root, "gemma2"), head_dim=64),
+    }
+    texts = os.path.join(root, "texts.txt")
+    with open(texts, "w") as f:
+        f.write("\n".join(t.replace("\n", " ") for t in tiny_models.MIXED_TEXTS) + "\n")
+    results = {}
+    for name, model_dir in models.items():
+        ref_path = os.path.join(root, f"{name}-cpu.npy")
+        error = offline_embed(model_dir, texts, ref_path, 1, "cpu", "float32")
+        if error:
+            results[f"{name}_cpu_error"] = error
+            continue
+        ref = np.load(ref_path)
+        for dtype in ("float32", "bfloat16"):
+            for tp in (1, 2):
+                out = os.path.join(root, f"{name}-{dtype}-tp{tp}.npy")
+                error = offline_embed(model_dir, texts, out, tp, device, dtype)
+                if error:
+                    results[f"{name}_{dtype}_tp{tp}_error"] = error
+                    continue
+                ours = np.load(out)
+                cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+                results[f"{name}_{dtype}_tp{tp}_min_cosine"] = float(cos.min())
     return results
 
 
@@ -251,6 +306,10 @@ def markdown(result: dict) -> str:
             mfu = f"{100 * ours['mfu']:.1f}%" if "mfu" in ours else "n/a"
             lines.append(f"| {ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {mfu} | "
                          f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+    families = result.get("families")
+    if families:
+        lines += ["", "Newer families, tiny checkpoints on CUDA vs the CPU float32 path: " + ", ".join(
+            f"{k} = {v:.6f}" if isinstance(v, float) else k for k, v in families.items())]
     budget = result.get("batch_budget")
     if budget:
         lines += ["", f"Batch budget: asked {budget['requested_tokens']:,} tokens, the profiling pass capped it "
@@ -270,7 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per batch (default 16384)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per point (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed batches per point (default 5)")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: throughput,tp2,flashinfer,budget")
+    p.add_argument("--skip", default="",
+                   help="comma-separated steps to skip: throughput,tp2,flashinfer,families,budget")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU", file=sys.stderr)
@@ -284,9 +344,10 @@ def main(argv=None) -> int:
              ("throughput", lambda: step_throughput(work, args.seq_lens, args.batch_tokens, args.warmup, args.iters)),
              ("tp2_one_gpu", lambda: step_tp2_one_gpu(work)),
              ("flashinfer_tests", step_flashinfer_tests),
+             ("families", lambda: step_families(work)),
              ("batch_budget", lambda: step_batch_budget(work))]
     names = {"flashinfer_tests": "flashinfer", "tp2_one_gpu": "tp2", "throughput": "throughput",
-             "batch_budget": "budget"}
+             "batch_budget": "budget", "families": "families"}
     for name, fn in steps:
         if names.get(name) in skip:
             continue

@@ -67,7 +67,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '\'{"matryoshka_dimensions": [128, 256]}\'')
     g.add_argument("--pooling", default=None, choices=["last", "mean", "cls"],
                    help="pooling over each input's tokens (default: what the model's "
-                        "sentence-transformers files say; last for decoders without them, cls for encoders; "
+                        "sentence-transformers files say; without them the family's: last for decoders and "
+                        "Gemma 2, cls for BERT and XLM-RoBERTa, mean for MPNet, ModernBERT and EmbeddingGemma; "
                         "CLIP pools in its own towers and refuses the flag)")
     g.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                    help="L2-normalize embeddings by default (default: on when the model lists a "
