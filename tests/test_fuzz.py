@@ -242,7 +242,9 @@ def test_every_field_with_every_json_type(client):
             response = post(client, encode(body))
             # a name UTF-8 cannot carry may go unnamed, but not be called 'None'
             unnamed = [] if utf8(unknown_name) else [None]
-            assert_error(response, 400, [unknown_name or None, field, *unnamed])
+            # a high and a low surrogate side by side come back as the one character their \u escapes make
+            as_read = json.loads(json.dumps(unknown_name))
+            assert_error(response, 400, [unknown_name or None, as_read or None, field, *unnamed])
             assert not response.json()["error"]["message"].startswith("invalid value for 'None'"), response.text
             return
         response = post(client, encode(body))
