@@ -13,6 +13,8 @@ Steps, each recorded even when a later one fails:
   4b. the newer families (MPNet, ModernBERT, EmbeddingGemma, Gemma 2 with head dim 64 so FlashInfer takes
      it) on tiny checkpoints: CUDA bf16 and float32 at tp = 1 and 2 against the CPU float32 path (which
      tests/test_mpnet.py, test_modernbert.py and test_gemma.py hold to sentence-transformers)
+  4c. --quantization fp8 against bf16 on the e5-mistral-7b shape: tokens/s at 512-token inputs and the
+     per-vector cosine, and tests/test_fp8.py's torch._scaled_mm test
   5. the batch budget: the startup profiling pass caps an oversized --max-batch-tokens to free memory,
      and a batch of the capped size runs
 It writes gpu_check.json and gpu_check.md to --out.
@@ -246,6 +248,42 @@ def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: i
             "batch_tokens": batch_tokens, "mixed_lens": mixed_lens}
 
 
+def step_fp8(work: str, batch_tokens: int, warmup: int, iters: int, seq_len: int = 512) -> dict:
+    """--quantization fp8 against bf16 on e5-mistral-7b's shape (random weights): tokens/s at seq_len-token
+    inputs, and the per-vector cosine of the two on the same inputs; plus tests/test_fp8.py's GPU test."""
+    import numpy as np
+
+    from tp_embed.args import add_engine_args, parse_with_config
+    from tp_embed.config import EngineConfig
+    from tp_embed.engine import Engine
+
+    shape_dir = write_shape_dir(os.path.join(work, "e5-mistral-shape"), E5_MISTRAL_SHAPE)
+    gen = torch.Generator().manual_seed(2)
+    seqs = torch.randint(0, 32000, (max(1, batch_tokens // seq_len), seq_len), generator=gen).tolist()
+    result, vectors = {}, {}
+    for name, extra in (("bf16", []), ("fp8", ["--quantization", "fp8"])):
+        p = argparse.ArgumentParser()
+        add_engine_args(p)
+        args = parse_with_config(p, ["--model-path", shape_dir, "--load-format", "dummy", "--dtype", "bfloat16",
+                                     "--device", "cuda", "--max-batch-tokens", str(batch_tokens),
+                                     "--max-batch-seqs", "4096", *extra])
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
+        sec = bench_engine.time_forward(functools.partial(engine.forward_pooled, seqs), engine.device, warmup, iters)
+        result[f"{name}_tokens_per_s"] = len(seqs) * seq_len / sec
+        vectors[name] = engine.forward_pooled(seqs).float().numpy()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    a, b = vectors["bf16"], vectors["fp8"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    result.update(speedup=result["fp8_tokens_per_s"] / result["bf16_tokens_per_s"], min_cosine=float(cos.min()),
+                  median_cosine=float(np.median(cos)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           os.path.join(ROOT, "tests", "test_fp8.py")], capture_output=True, text=True, cwd=ROOT)
+    result["tests"] = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    return result
+
+
 def step_batch_budget(work: str) -> dict:
     """The startup profiling pass caps --max-batch-tokens to free memory, and a batch of the capped
     size then runs without running out of memory. Two layers of e5-mistral-7b's shape, bf16, asked for
@@ -306,6 +344,11 @@ def markdown(result: dict) -> str:
             mfu = f"{100 * ours['mfu']:.1f}%" if "mfu" in ours else "n/a"
             lines.append(f"| {ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {mfu} | "
                          f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+    fp8 = result.get("fp8")
+    if fp8:
+        lines += ["", f"FP8 on the e5-mistral-7b shape, 512-token inputs: {fp8['fp8_tokens_per_s']:,.0f} tokens/s "
+                      f"vs bf16 {fp8['bf16_tokens_per_s']:,.0f} ({fp8['speedup']:.2f}x); cosine to bf16 min "
+                      f"{fp8['min_cosine']:.5f}, median {fp8['median_cosine']:.5f}; tests: {fp8['tests']}"]
     families = result.get("families")
     if families:
         lines += ["", "Newer families, tiny checkpoints on CUDA vs the CPU float32 path: " + ", ".join(
@@ -330,7 +373,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per point (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed batches per point (default 5)")
     p.add_argument("--skip", default="",
-                   help="comma-separated steps to skip: throughput,tp2,flashinfer,families,budget")
+                   help="comma-separated steps to skip: throughput,tp2,flashinfer,families,fp8,budget")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU", file=sys.stderr)
@@ -345,9 +388,10 @@ def main(argv=None) -> int:
              ("tp2_one_gpu", lambda: step_tp2_one_gpu(work)),
              ("flashinfer_tests", step_flashinfer_tests),
              ("families", lambda: step_families(work)),
+             ("fp8", lambda: step_fp8(work, args.batch_tokens, args.warmup, args.iters)),
              ("batch_budget", lambda: step_batch_budget(work))]
     names = {"flashinfer_tests": "flashinfer", "tp2_one_gpu": "tp2", "throughput": "throughput",
-             "batch_budget": "budget", "families": "families"}
+             "batch_budget": "budget", "families": "families", "fp8": "fp8"}
     for name, fn in steps:
         if names.get(name) in skip:
             continue

@@ -56,6 +56,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "attends every sequence and head in one call; torch uses PyTorch's matmuls and SDPA "
                         "per sequence; auto takes the kernel when it builds, else torch with a warning "
                         "(default auto)")
+    g.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: every tensor-parallel linear layer's weight quantized at load to float8_e4m3 with "
+                        "a scale per output channel, its input per token with a dynamic scale; on CUDA FP8 "
+                        "matmuls (Hopper, compute capability 9.0+), on the CPU a float32 quantize-dequantize "
+                        "reference of the same rounding (default: none, the model's dtype)")
     g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="safetensors: read the checkpoint; dummy: random weights of the model's shape "
                         "(benchmarks; only config.json and the tokenizer are read)")

@@ -211,6 +211,7 @@ class EngineConfig:
     attention_backend: str
     cpu_matmul: str
     cpu_attention: str
+    quantization: str | None
     load_format: str
     trust_remote_code: bool
     model_overrides: dict

@@ -22,7 +22,8 @@ from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, EngineConfig, SentenceTransformersConfig, resolve_dtype
 from tp_embed.distributed import all_reduce_min, init_distributed
 from tp_embed.kernels import load_cpu_attention
-from tp_embed.layers.linear import onednn_available, prepack_linears
+from tp_embed.layers.fp8 import fp8_supported
+from tp_embed.layers.linear import onednn_available, prepack_linears, quantize_linears
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
 from tp_embed.models import build_model, check_family_flags, load_config
@@ -96,6 +97,11 @@ class Engine:
             self.load_stats = init_dummy_weights(self.model)
         else:
             self.load_stats = load_weights(self.model, self.spec.checkpoint, self.model_dir, show_progress)
+        if self.options.quantization == "fp8":
+            why = fp8_supported(self.device)
+            if why is not None:
+                raise ConfigError(f"--quantization fp8: {why}")
+            quantize_linears(self.model)
         self.load_seconds = time.perf_counter() - t0
         packed = self.options.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0
         self.cpu_matmul = "onednn" if packed else "torch"
@@ -175,11 +181,26 @@ class Engine:
         """
         send_batch(batch)
         batch = batch.to(self.device)
-        out = self.model(batch, self.attention_backend)
+        rows = self.pooled_rows(batch)
+        out = self.run_model(batch, rows)
         if self.pooling is None:
             return out.float().cpu()
-        pooled = pool(out, batch.cu_seqlens, self.pooling)
+        pooled = out.float() if rows is not None else pool(out, batch.cu_seqlens, self.pooling)
         return (pooled if self.dense is None else self.dense(pooled)).cpu()
+
+    def pooled_rows(self, batch: Batch) -> torch.Tensor | None:
+        """The rows cls or last pooling reads, where the model can stop its final layer at them (last-layer
+        pruning: that layer's attention output projection and MLP run on one row per input); else None.
+        Every rank of the group computes the same rows from the batch."""
+        if not self.spec.prunes_last_layer or self.pooling not in ("cls", "last"):
+            return None
+        cu = batch.cu_seqlens.long()
+        return cu[:-1] if self.pooling == "cls" else cu[1:] - 1
+
+    def run_model(self, batch: Batch, rows: torch.Tensor | None) -> torch.Tensor:
+        if rows is None:
+            return self.model(batch, self.attention_backend)
+        return self.model(batch, self.attention_backend, rows=rows)
 
     def embed(self, sequences: list[list[int]], lanes: list | None = None,
               show_progress: bool = False, type_starts: list[int] | None = None) -> torch.Tensor:
@@ -300,7 +321,8 @@ class Engine:
             if cmd == Cmd.STOP:
                 return
             if cmd == Cmd.FORWARD:
-                self.model(batch.to(self.device), self.attention_backend)
+                batch = batch.to(self.device)
+                self.run_model(batch, self.pooled_rows(batch))
 
 
 class RemoteGroup:

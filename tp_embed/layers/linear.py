@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_embed.distributed import all_reduce, tp_rank, tp_size
+from tp_embed.errors import ConfigError
+from tp_embed.layers.fp8 import SCALED_MM_MULTIPLE, fake_quantize_rows, quantize_rows, scaled_matmul
 from tp_embed.layers.weights import loaded_shape, read_cols, read_rows, replicated_weight_loader
 
 # transformers' activation name -> oneDNN's GELU algorithm, for the activations a layer can fuse
@@ -55,6 +57,25 @@ class PackedLinear(nn.Module):
     weight's storage is released (the packed copy is the only one kept)."""
 
     packed: torch.Tensor | None = None
+    fp8_weight: torch.Tensor | None = None  # CUDA FP8: the weight transposed, [in, out] column-major
+    fp8_scale: torch.Tensor | None = None  # its scales [1, out]
+    fp8_reference: bool = False  # CPU FP8: the weight holds its dequantized FP8 values; inputs round through FP8
+
+    def quantize_fp8(self) -> None:
+        """--quantization fp8 (tp_embed/layers/fp8.py): one scale per output channel. CUDA keeps the FP8
+        weight for torch._scaled_mm and releases the original; the CPU keeps the dequantized weight (which
+        `prepack` may then pack)."""
+        w = self.weight.detach()
+        if w.device.type == "cpu":
+            self.weight.data = fake_quantize_rows(w)
+            self.fp8_reference = True
+            return
+        if w.shape[0] % SCALED_MM_MULTIPLE or w.shape[1] % SCALED_MM_MULTIPLE:
+            raise ConfigError(f"--quantization fp8: a {w.shape[0]} x {w.shape[1]} weight shard; FP8 matmuls need "
+                              f"both sizes a multiple of {SCALED_MM_MULTIPLE}")
+        q, scale = quantize_rows(w)
+        self.fp8_weight, self.fp8_scale = q.t(), scale.t().contiguous()
+        self.weight.data = w.new_empty(0)
 
     def prepack(self) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
@@ -63,6 +84,15 @@ class PackedLinear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + bias, then the activation (a FUSABLE_ACTIVATIONS name), then + residual."""
+        if self.fp8_weight is not None:
+            y = scaled_matmul(x.reshape(-1, x.shape[-1]), self.fp8_weight, self.fp8_scale).view(*x.shape[:-1], -1)
+            if bias is not None:
+                y = y + bias
+            if activation is not None:
+                y = F.gelu(y, approximate=FUSABLE_ACTIVATIONS[activation])
+            return y if residual is None else y + residual
+        if self.fp8_reference:
+            x = fake_quantize_rows(x)
         if self.packed is not None:
             lead, num_rows = x.shape[:-1], x[..., 0].numel()
             rows = bucket_rows(num_rows)
@@ -81,6 +111,14 @@ class PackedLinear(nn.Module):
         return y if residual is None else y + residual
 
 
+def quantize_linears(model: nn.Module) -> int:
+    """--quantization fp8 on every tensor-parallel linear layer of `model`; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in layers:
+        m.quantize_fp8()
+    return len(layers)
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Pack the weight of every tensor-parallel linear layer for oneDNN (CPU, float32); returns how many."""
     layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.weight.dtype == torch.float32
@@ -97,6 +135,8 @@ def named_weights(model: nn.Module):
         for name, param in module.named_parameters(recurse=False):
             if name == "weight" and isinstance(module, PackedLinear) and module.packed is not None:
                 param = module.packed
+            elif name == "weight" and isinstance(module, PackedLinear) and module.fp8_weight is not None:
+                param = module.fp8_weight
             yield (f"{module_name}.{name}" if module_name else name), param
 
 

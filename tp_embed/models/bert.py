@@ -57,12 +57,15 @@ class BertAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True)
         self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_tokens, hidden], or [len(rows), hidden] for only those rows (the final layer, pruned)."""
         cfg = self.cfg
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).view(num_tokens, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
         o = attn.run(q, k, v)  # [num_tokens, local_heads, head_dim]
-        return self.LayerNorm(self.dense(o.reshape(num_tokens, cfg.q_size), residual=x))
+        if rows is not None:
+            o, x = o[rows], x[rows]
+        return self.LayerNorm(self.dense(o.reshape(o.shape[0], cfg.q_size), residual=x))
 
 
 class BertLayer(nn.Module):
@@ -77,8 +80,8 @@ class BertLayer(nn.Module):
         self.output = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True)
         self.output_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = self.attention(x, attn)
+    def forward(self, x: torch.Tensor, attn: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attention(x, attn, rows)
         return self.output_norm(self.output(self.act(self.intermediate(x)), residual=x))
 
 
@@ -89,7 +92,8 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
+    def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden]; with `rows`, [len(rows), hidden] (the final layer pruned)."""
         x = self.embeddings(batch)
         num_tokens = x.shape[0]
         if self.layers and self.layers[0].attention.qkv_proj.packed is not None:
@@ -98,9 +102,16 @@ class BertModel(nn.Module):
             x = pad_rows(x, bucket_rows(num_tokens))
         attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                               self.cfg.num_local_heads, self.cfg.head_dim, False, x.dtype, attention_backend)
-        for layer in self.layers:
-            x = layer(x, attn)
-        return x[:num_tokens]
+        return run_layers(self.layers, x, attn, rows, num_tokens)
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, attn: Attention, rows: torch.Tensor | None,
+               num_tokens: int) -> torch.Tensor:
+    """The encoder's layers on x (its rows may be padded past num_tokens); the last stops at `rows` if given."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        x = layer(x, attn, rows if i == last else None)
+    return x if rows is not None else x[:num_tokens]
 
 
 class BertClassifier(BertModel):
@@ -158,6 +169,7 @@ SPEC = ModelSpec(
         renames=ENCODER_RENAMES, packed_modules=ENCODER_PACKED_MODULES),
     default_pooling="cls",
     flags=frozenset({"pooling"}),
+    prunes_last_layer=True,
 )
 
 def classifier_spec(name: str, architecture: str, head_renames: tuple, ignored: tuple = ()) -> ModelSpec:

@@ -41,7 +41,9 @@ class DecoderAttention(nn.Module):
             self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_tokens, hidden], or [len(rows), hidden] for only those rows (the final layer, pruned)."""
         cfg = self.cfg
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -52,7 +54,9 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn.run(q, k, v)  # [num_tokens, local_heads, head_dim]
-        return self.o_proj(o.reshape(num_tokens, cfg.q_size))
+        if rows is not None:
+            o = o[rows]
+        return self.o_proj(o.reshape(o.shape[0], cfg.q_size))
 
 
 GATED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama, Qwen), GeGLU (Gemma)
@@ -82,8 +86,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = DecoderMLP(cfg)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+    def forward(self, x, cos, sin, attn, rows=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn, rows)
+        x = (x if rows is None else x[rows]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -101,8 +106,9 @@ class DecoderModel(nn.Module):
         self.mrope_section = mrope_section(text_config)
 
     def forward(self, batch: Batch, attention_backend: str = "auto",
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank.
+                inputs_embeds: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank; with `rows`,
+        [len(rows), hidden] for those rows only (the final layer pruned).
 
         `inputs_embeds` [num_tokens, hidden], when given, replaces the token embeddings (Qwen2-VL
         scatters image features into them); positions may be [3, num_tokens] for M-RoPE.
@@ -112,8 +118,9 @@ class DecoderModel(nn.Module):
         attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                               self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
                               attention_backend)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn, rows if i == last else None)
         return self.norm(x)
 
 
@@ -238,6 +245,7 @@ SPEC = ModelSpec(
                                 packed_modules=PACKED_MODULES),
     default_pooling="last",
     flags=frozenset({"pooling"}),
+    prunes_last_layer=True,
 )
 
 CLASSIFIER_SPEC = ModelSpec(

@@ -40,8 +40,9 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg)  # GeGLU: hidden_act gelu_pytorch_tanh
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attn))
+    def forward(self, x, cos, sin, attn, rows=None):
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attn, rows))
+        x = (x if rows is None else x[rows]) + h
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -88,8 +89,9 @@ class GemmaModel(nn.Module):
             inv_freq, self.rope_scales[t] = layer_rope(hf, cfg.head_dim, t)
             self.register_buffer(f"{t}_inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
-        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank."""
+    def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank; with `rows`,
+        [len(rows), hidden] for those rows only (the final layer pruned)."""
         cfg = self.cfg
         x = self.embed_tokens(batch.input_ids)
         x = x * self.normalizer.to(x.dtype)
@@ -99,8 +101,9 @@ class GemmaModel(nn.Module):
             attn[t] = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_kv_heads,
                                      cfg.head_dim, cfg.causal, x.dtype, attention_backend, scale=self.scale,
                                      window=window, softcap=self.softcap)
-        for layer, t in zip(self.layers, self.layer_types):
-            x = layer(x, *rope[t], attn[t])
+        last = len(self.layers) - 1
+        for i, (layer, t) in enumerate(zip(self.layers, self.layer_types)):
+            x = layer(x, *rope[t], attn[t], rows if i == last else None)
         return self.norm(x)
 
 
@@ -140,6 +143,7 @@ GEMMA2_SPEC = ModelSpec(
     checkpoint=CHECKPOINT,
     default_pooling="last",  # bge-multilingual-gemma2: the appended <eos>
     flags=frozenset({"pooling"}),
+    prunes_last_layer=True,
 )
 
 GEMMA3_SPEC = ModelSpec(
@@ -150,4 +154,5 @@ GEMMA3_SPEC = ModelSpec(
     checkpoint=CHECKPOINT,
     default_pooling="mean",  # EmbeddingGemma
     flags=frozenset({"pooling"}),
+    prunes_last_layer=True,
 )

@@ -79,15 +79,17 @@ class ModernBertAttention(nn.Module):
         self.Wo = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: Attention) -> torch.Tensor:
-        """residual + Wo attn(x)."""
+                attn: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + Wo attn(x); with `rows`, for those rows only (the final layer, pruned)."""
         cfg = self.cfg
         num_rows = x.shape[0]
         # [num_rows, 3 * local_heads, head_dim]: the q heads, then the k heads, then the v heads
         q, k, v = self.Wqkv(x).view(num_rows, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attn.run(q, k, v)  # [num_rows, local_heads, head_dim]
-        return self.Wo(o.reshape(num_rows, cfg.q_size), residual=residual)
+        if rows is not None:
+            o, residual = o[rows], residual[rows]
+        return self.Wo(o.reshape(o.shape[0], cfg.q_size), residual=residual)
 
 
 class ModernBertMLP(nn.Module):
@@ -113,8 +115,9 @@ class ModernBertLayer(nn.Module):
         self.mlp_norm = layer_norm(cfg)
         self.mlp = ModernBertMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = self.attn(self.attn_norm(x), x, cos, sin, attn)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn(self.attn_norm(x), x, cos, sin, attn, rows)
         return self.mlp(self.mlp_norm(x), x)
 
 
@@ -134,8 +137,9 @@ class ModernBertModel(nn.Module):
             inv_freq, _ = rope_inv_freq(SimpleNamespace(rope_parameters=hf.rope_parameters[kind]), cfg.head_dim)
             self.register_buffer(f"{kind}_inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
-        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank."""
+    def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank; with `rows`,
+        [len(rows), hidden] for those rows only (the final layer pruned)."""
         cfg = self.cfg
         x = self.embeddings(batch.input_ids)
         num_tokens = num_rows = x.shape[0]
@@ -150,9 +154,10 @@ class ModernBertModel(nn.Module):
             attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_heads,
                                   cfg.head_dim, False, x.dtype, attention_backend, window=self.window[kind])
             plans[kind] = (pad_rows(cos, num_rows), pad_rows(sin, num_rows), attn)
-        for layer, kind in zip(self.layers, self.layer_types):
-            x = layer(x, *plans[kind])
-        return self.final_norm(x[:num_tokens])
+        last = len(self.layers) - 1
+        for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            x = layer(x, *plans[kind], rows if i == last else None)
+        return self.final_norm(x if rows is not None else x[:num_tokens])
 
 
 def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
@@ -184,4 +189,5 @@ SPEC = ModelSpec(
     # sentence-transformers pools the mean of the tokens when a directory has no Pooling config
     default_pooling="mean",
     flags=frozenset({"pooling"}),
+    prunes_last_layer=True,
 )

@@ -23,7 +23,7 @@ from tp_embed.layers.linear import VocabParallelEmbedding, bucket_rows, pad_rows
 from tp_embed.layers.norm import LayerNorm
 from tp_embed.layers.replicated import ReplicatedEmbedding
 from tp_embed.layers.weights import read_cols
-from tp_embed.models.bert import BertLayer
+from tp_embed.models.bert import BertLayer, run_layers
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 PADDING_IDX = 1  # MPNetEmbeddings.padding_idx: positions start at PADDING_IDX + 1
@@ -91,7 +91,8 @@ class MPNetModel(nn.Module):
                                                             cfg.num_local_heads)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, batch: Batch, attention_backend: str = "auto") -> torch.Tensor:
+    def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [num_tokens, hidden]; with `rows`, [len(rows), hidden] (the final layer pruned)."""
         x = self.embeddings(batch)
         num_tokens = x.shape[0]
         if self.layers and self.layers[0].attention.qkv_proj.packed is not None:
@@ -99,9 +100,7 @@ class MPNetModel(nn.Module):
         attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                               self.cfg.num_local_heads, self.cfg.head_dim, False, x.dtype, attention_backend,
                               rel_bias=self.relative_attention_bias(batch.max_seqlen))
-        for layer in self.layers:
-            x = layer(x, attn)
-        return x[:num_tokens]
+        return run_layers(self.layers, x, attn, rows, num_tokens)
 
 
 def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
@@ -133,4 +132,5 @@ SPEC = ModelSpec(
     # what sentence-transformers pools an MPNet with when the directory has no Pooling module
     default_pooling="mean",
     flags=frozenset({"pooling"}),
+    prunes_last_layer=True,
 )

@@ -99,6 +99,9 @@ class ModelSpec:
         [num_tokens, hidden], or one vector per input when default_pooling is None (the model pools itself).
     flags: the FAMILY_FLAGS it takes; flag_notes: why a flag it does not take does not apply, where
         FAMILY_FLAGS' generic words are not enough.
+    prunes_last_layer: forward also takes `rows` (keyword): the final layer then computes its attention
+        output projection and MLP only for those rows and returns [len(rows), hidden] (last-layer pruning:
+        the engine passes the rows cls or last pooling reads).
     """
     name: str
     architectures: tuple[str, ...]
@@ -109,3 +112,4 @@ class ModelSpec:
     processor: Callable[[ProcessorSetup], Processor] | None = None
     flags: frozenset[str] = frozenset()
     flag_notes: dict = field(default_factory=dict)
+    prunes_last_layer: bool = False
