@@ -25,6 +25,18 @@ def tiny_mistral_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def minilm(minilm_dir, tmp_path_factory):
+    """all-MiniLM-L6-v2 served at tp=2 (is_matryoshka), shared by tests/test_server.py and test_server_tei.py."""
+    from server_utils import ServerProcess
+
+    log = tmp_path_factory.mktemp("logs") / "minilm.log"
+    args = ["--tp", "2", "--json-model-override-args", '{"is_matryoshka": true}']
+    with ServerProcess(args, nproc=2, log_path=log) as server:
+        server.model_dir = minilm_dir
+        yield server
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> str:
     from tp_embed.model_path import default_model_dir
     return default_model_dir()

@@ -34,15 +34,6 @@ def tiny(tiny_mistral_dir, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module")
-def minilm(minilm_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "minilm.log"
-    args = ["--tp", "2", "--json-model-override-args", '{"is_matryoshka": true}']
-    with ServerProcess(args, nproc=2, log_path=log) as server:
-        server.model_dir = minilm_dir
-        yield server
-
-
 def offline_vectors(model_dir: str, texts: list[str], tmp_path) -> np.ndarray:
     """The offline entry point (tp_embed.offline, tp=1, in this process) on the same texts."""
     from tp_embed.offline import main

@@ -32,6 +32,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tp_embed import __version__, tei
 from tp_embed.asgi import StatusSend
 from tp_embed.config import ConfigError, EngineConfig
 from tp_embed.engine import Engine
@@ -40,6 +41,7 @@ from tp_embed.media import MediaConfig, MediaError, load_images
 from tp_embed.metrics import Metrics
 from tp_embed.openai_protocol import (
     ERROR_TYPES,
+    MAX_INPUTS,
     APIError,
     EmbeddingRequest,
     TokenizeRequest,
@@ -61,7 +63,7 @@ from tp_embed.tracing import API_ROUTES, OFF, RequestTraceMiddleware, TracingErr
 logger = logging.getLogger("tp_embed")
 
 # every route /metrics counts by name: the API's (which tracing and the request log follow too) and the others
-ROUTES = API_ROUTES | {"/v1/models", "/health", "/metrics"}
+ROUTES = API_ROUTES | {"/v1/models", "/health", "/metrics", "/info"}
 # responses with more floats than this are serialized in the pool instead of on the event loop (~1 ms)
 INLINE_RENDER_FLOATS = 16384
 
@@ -244,10 +246,11 @@ class EmbeddingServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def prepare_embeddings(self, body: bytes) -> PreparedEmbedding:
-        """Tokenizer pool: everything that can reject a request, so that nothing after it can."""
+    def prepare_embeddings(self, body: bytes, parse=None) -> PreparedEmbedding:
+        """Tokenizer pool: everything that can reject a request, so that nothing after it can. `parse` turns
+        the body into an EmbeddingRequest (default: /v1/embeddings' schema; TEI's /embed has its own)."""
         t0 = time.perf_counter()
-        req = parse_json_body(body, EmbeddingRequest)
+        req = parse(body) if parse is not None else parse_json_body(body, EmbeddingRequest)
         self.check_model(req.model)
         check_task(self.scoring, "embed")
         check_encoding_format(req.encoding_format)
@@ -386,8 +389,9 @@ class EmbeddingServer:
         self.metrics.queue_latency.observe(time.perf_counter() - queued)
         return True
 
-    async def create_embeddings(self, request: Request):
-        start = time.perf_counter()
+    async def embed_request(self, request: Request, parse=None):
+        """An embedding request's vectors, truncated and normalized as it asks, in its order, and its
+        PreparedEmbedding; None when the client left before they were ready."""
         self.authorize(request)
         self.check_ready()
         loop = self.loop
@@ -395,27 +399,70 @@ class EmbeddingServer:
         body = await self.read_body(request)
         trace = request_trace(request)
         with trace.stage("tokenize"):
-            prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body)
+            prepared = await loop.run_in_executor(self.pool, self.prepare_embeddings, body, parse)
         if prepared.items is not None:
             job = Job([], prepared.num_tokens, loop.create_future(), prepared.items)
         else:
             job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
         trace.note(len(prepared.items if prepared.items is not None else prepared.sequences), prepared.num_tokens)
         if not await self.run_job(job, request, deadline):
+            return None
+        outputs = job.outputs
+        if prepared.order is not None:
+            outputs = torch.empty_like(outputs)
+            outputs[prepared.order] = job.outputs
+        return truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy(), prepared
+
+    async def render(self, request: Request, fn, *args) -> bytes:
+        """fn(*args) in the render stage: in the tokenizer pool for a large response."""
+        with request_trace(request).stage("render"):
+            if args[0].size > INLINE_RENDER_FLOATS:
+                return await self.loop.run_in_executor(self.pool, fn, *args)
+            return fn(*args)
+
+    async def create_embeddings(self, request: Request):
+        start = time.perf_counter()
+        done = await self.embed_request(request)
+        if done is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        with trace.stage("render"):
-            outputs = job.outputs
-            if prepared.order is not None:
-                outputs = torch.empty_like(outputs)
-                outputs[prepared.order] = job.outputs
-            vectors = truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy()
-            args = (vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens)
-            if vectors.size > INLINE_RENDER_FLOATS:
-                content = await loop.run_in_executor(self.pool, render_embeddings, *args)
-            else:
-                content = render_embeddings(*args)
+        vectors, prepared = done
+        content = await self.render(request, render_embeddings, vectors, prepared.encoding_format,
+                                    self.served_model_name, prepared.num_tokens)
         self.observe_request(start, len(vectors), prepared.num_tokens)
         return Response(content, media_type="application/json")
+
+    async def tei_embed(self, request: Request):
+        """text-embeddings-inference's POST /embed (and POST / for an embedding model): [[float]]; its error
+        shape."""
+        start = time.perf_counter()
+        try:
+            if request.url.path == "/" and "embed" not in self.scoring.tasks:
+                raise APIError(400, f"{self.served_model_name} serves {', '.join(self.scoring.tasks)}, not "
+                                    f"embeddings: use /rerank, /score or /classify")
+            done = await self.embed_request(request, tei.parse_embed_request)
+        except APIError as error:
+            return tei_error_response(error, self.metrics, request)
+        if done is None:
+            return Response(status_code=499)
+        vectors, prepared = done
+        content = await self.render(request, tei.render_vectors, vectors)
+        self.observe_request(start, len(vectors), prepared.num_tokens)
+        return Response(content, media_type="application/json")
+
+    async def tei_info(self, request: Request):
+        """text-embeddings-inference's GET /info."""
+        try:
+            self.authorize(request)
+            self.check_ready()
+        except APIError as error:
+            return tei_error_response(error, self.metrics, request)
+        engine = self.engine
+        head = engine.config.head
+        kind = tei.model_kind(engine.tasks, engine.pooling, dict(head.labels) if head is not None else None)
+        return json_response(tei.info(self.served_model_name, str(engine.dtype).removeprefix("torch."), kind,
+                                      engine.text.max_length if engine.text else engine.config.max_input_tokens,
+                                      engine.max_batch_tokens, engine.max_batch_seqs,
+                                      MAX_INPUTS, self.args.tokenizer_workers, __version__))
 
     async def run_task(self, request: Request, prepare) -> Response:
         """Rerank, score and classify: prepare(body, scoring model, text, check_model) in the tokenizer pool
@@ -529,6 +576,14 @@ def json_response(obj, status: int = 200) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
+def tei_error_response(error: APIError, metrics: Metrics, request: Request) -> Response:
+    """An error on text-embeddings-inference's routes, in its shape (tp_embed/tei.py)."""
+    status, body = tei.error_body(error)
+    metrics.errors.labels(str(status), error.code or "none").inc()
+    request_trace(request).fail(error.code or ERROR_TYPES.get(error.status, "server_error"))
+    return Response(body, status_code=status, headers=error.headers, media_type="application/json")
+
+
 def error_response(error: APIError, metrics: Metrics, request: Request | None = None) -> Response:
     metrics.errors.labels(str(error.status), error.code or "none").inc()
     if request is not None:  # for the request's span and log line
@@ -565,6 +620,9 @@ def build_app(server: EmbeddingServer) -> FastAPI:
                         ("/v1/classify", server.classify), ("/classify", server.classify)):
         app.add_api_route(path, route, methods=["POST"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    for path in ("/embed", "/"):  # text-embeddings-inference's (tp_embed/tei.py)
+        app.add_api_route(path, server.tei_embed, methods=["POST"])
+    app.add_api_route("/info", server.tei_info, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
     metrics = server.metrics

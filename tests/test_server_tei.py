@@ -1,0 +1,70 @@
+"""text-embeddings-inference's routes (tp_embed/tei.py) on all-MiniLM-L6-v2 at tp = 2 (the server
+tests/test_server.py also uses): huggingface_hub's InferenceClient, POST /embed and POST / in TEI's shapes,
+GET /info, and TEI's error shape and statuses on bad input."""
+
+import numpy as np
+import pytest
+
+from server_utils import cosine_rows
+from tiny_models import MIXED_TEXTS, st_encode
+
+TEXTS = MIXED_TEXTS[:6]
+
+
+def test_huggingface_hub_feature_extraction(minilm, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    # the tests set HF_HUB_OFFLINE so nothing reaches the hub; this client talks to the local server only
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    client = InferenceClient(model=minilm.url)
+    got = client.feature_extraction(TEXTS[0])
+    assert got.shape[-1] == 384
+    expected = st_encode(minilm.model_dir, TEXTS[:1])
+    assert cosine_rows(got.reshape(1, -1).astype(np.float32), expected).min() >= 0.99999
+    short = client.feature_extraction(TEXTS[0], dimensions=64, normalize=True)  # nested in "parameters"
+    assert short.shape[-1] == 64 and abs(np.linalg.norm(short) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["/embed", "/"])
+def test_embed_in_tei_shape(minilm, path):
+    r = minilm.post(path, {"inputs": TEXTS, "normalize": True, "truncate": False})
+    assert r.status_code == 200, r.text
+    vectors = np.array(r.json(), dtype=np.float32)
+    assert vectors.shape == (len(TEXTS), 384)
+    assert cosine_rows(vectors, st_encode(minilm.model_dir, TEXTS)).min() >= 0.99999
+    one = minilm.post(path, {"inputs": TEXTS[1]}).json()  # a single string: a list of one vector
+    assert len(one) == 1 and np.allclose(one[0], vectors[1], atol=1e-5)
+    raw = np.array(minilm.post(path, {"inputs": TEXTS[:2], "normalize": False}).json())
+    assert abs(np.linalg.norm(raw[0]) - 1) > 1e-3, "normalize false must return the raw pooled vector"
+
+
+def test_info(minilm):
+    r = minilm.get("/info")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 256 and info["model_dtype"] == "float32"
+    assert info["max_batch_tokens"] > 0 and info["max_client_batch_size"] == 2048
+
+
+@pytest.mark.parametrize("body, status, names", [
+    ({}, 422, "inputs"),
+    ({"inputs": 5}, 422, "input"),
+    ({"inputs": "x", "normalize": "yes"}, 422, "normalize"),
+    ({"inputs": "x", "truncation_direction": "Left"}, 422, "truncation_direction"),
+    ({"inputs": "x", "unknown": 1}, 422, "unknown"),
+    ({"inputs": "x", "dimensions": 1000}, 422, "dimensions"),
+    ({"inputs": " ".join(["word"] * 600)}, 422, "256"),
+])
+def test_bad_input_gets_tei_errors(minilm, body, status, names):
+    r = minilm.post("/embed", body)
+    assert r.status_code == status, r.text
+    error = r.json()
+    assert set(error) == {"error", "error_type"} and error["error_type"] == "Validation"
+    assert names in error["error"], error
+
+
+def test_oversized_body_is_413_in_tei_shape(minilm):
+    r = minilm.post("/embed", {"inputs": "x" * (65 * 1024 * 1024)})  # past --max-request-bytes (64 MiB)
+    assert r.status_code == 413, r.text[:200]
+    assert r.json()["error_type"] == "Validation"
