@@ -32,7 +32,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tp_embed import __version__, tei
+from tp_embed import __version__, cohere_embed, tei
 from tp_embed.asgi import StatusSend
 from tp_embed.config import ConfigError, EngineConfig
 from tp_embed.engine import Engine
@@ -449,6 +449,25 @@ class EmbeddingServer:
         self.observe_request(start, len(vectors), prepared.num_tokens)
         return Response(content, media_type="application/json")
 
+    async def cohere_v2_embed(self, request: Request):
+        """Cohere's POST /v2/embed (tp_embed/cohere_embed.py): float, int8, uint8, binary, ubinary, base64."""
+        start = time.perf_counter()
+        asked = {}
+
+        def parse(body: bytes) -> EmbeddingRequest:
+            embed, asked["request"] = cohere_embed.parse_request(body, self._local.text.prompts)
+            asked["texts"] = embed.input
+            return embed
+
+        done = await self.embed_request(request, parse)
+        if done is None:
+            return Response(status_code=499)
+        vectors, prepared = done
+        content = await self.render(request, cohere_embed.render, vectors, asked["request"], asked["texts"],
+                                    prepared.num_tokens)
+        self.observe_request(start, len(vectors), prepared.num_tokens)
+        return Response(content, media_type="application/json")
+
     async def tei_info(self, request: Request):
         """text-embeddings-inference's GET /info."""
         try:
@@ -620,6 +639,7 @@ def build_app(server: EmbeddingServer) -> FastAPI:
                         ("/v1/classify", server.classify), ("/classify", server.classify)):
         app.add_api_route(path, route, methods=["POST"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/v2/embed", server.cohere_v2_embed, methods=["POST"])
     for path in ("/embed", "/"):  # text-embeddings-inference's (tp_embed/tei.py)
         app.add_api_route(path, server.tei_embed, methods=["POST"])
     app.add_api_route("/info", server.tei_info, methods=["GET"])
