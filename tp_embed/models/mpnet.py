@@ -19,6 +19,7 @@ from tp_embed.config import ModelConfig, encoder_config
 from tp_embed.distributed import tp_rank
 from tp_embed.errors import ConfigError
 from tp_embed.layers.attention import plan_attention
+from tp_embed.layers.attention.mask import relative_bias_table
 from tp_embed.layers.linear import VocabParallelEmbedding, bucket_rows, pad_rows
 from tp_embed.layers.norm import LayerNorm
 from tp_embed.layers.replicated import ReplicatedEmbedding
@@ -65,8 +66,8 @@ class RelativePositionBias(nn.Module):
     def forward(self, max_seqlen: int) -> torch.Tensor:
         """float32 [local_heads, 2 * max_seqlen - 1]: column j - i + max_seqlen - 1 is the bias of query i
         and key j, for every pair in a sequence of up to max_seqlen tokens."""
-        offsets = torch.arange(1 - max_seqlen, max_seqlen, device=self.weight.device)
-        return self.weight[relative_position_bucket(offsets)].t().float().contiguous()
+        return relative_bias_table(lambda offsets: self.weight[relative_position_bucket(offsets)], max_seqlen,
+                                   self.weight.device)
 
 
 class MPNetEmbeddings(nn.Module):

@@ -25,7 +25,7 @@ class PaddedSdpaAttention:
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         self.num_seqs = lens.numel()
         self.max_seqlen = max_seqlen
-        self.rel_bias = rel_bias
+        self.bias = score_bias(max_seqlen, self.causal, self.window, rel_bias, device)  # [heads or 1, L, L]
         if self.num_seqs == 1:  # nothing to pad: `run` attends the one sequence as it is
             self.seq_idx = self.pos_idx = self.mask = None
             return
@@ -34,9 +34,8 @@ class PaddedSdpaAttention:
         self.pos_idx = torch.arange(self.seq_idx.numel(), device=device) - cu_seqlens[:-1].long()[self.seq_idx]
         ar = torch.arange(max_seqlen, device=device)
         mask = (ar[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]: keys inside the sequence
-        bias = score_bias(max_seqlen, self.causal, self.window, rel_bias, device)  # [heads or 1, L, L]
-        if bias is not None:  # a float mask: the bias, -inf past each sequence's end
-            self.mask = bias[None].masked_fill(~mask, float("-inf"))
+        if self.bias is not None:  # a float mask: the bias, -inf past each sequence's end
+            self.mask = self.bias[None].masked_fill(~mask, float("-inf"))
         elif self.causal:
             self.mask = mask & (ar[None, :] <= ar[:, None])[None, None]  # [B, 1, L, L]
         else:
@@ -45,7 +44,7 @@ class PaddedSdpaAttention:
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim]."""
         if self.num_seqs == 1:
-            return attend_one(q, k, v, self.causal, self.scale, self.window, self.softcap, self.rel_bias)
+            return attend_one(q, k, v, self.causal, self.scale, self.softcap, self.bias)
         q, k, v = (_pad(x, self.seq_idx, self.pos_idx, self.num_seqs, self.max_seqlen) for x in (q, k, v))
         mask = self.mask if self.mask.dtype == torch.bool else self.mask.to(q.dtype)
         if self.softcap is None:

@@ -1,7 +1,8 @@
 """One sequence at a time: no padding and no mask (a padded batch computes every sequence at the longest
 one's length). Short float32 sequences on the CPU take two batched matmuls and a softmax, longer ones SDPA.
-A sliding window or a relative position bias enters as a float bias per sequence; soft-capping computes the
-scores explicitly (SDPA has no soft-cap)."""
+A sliding window or a relative position bias enters as a float bias, built once per batch at the longest
+length (a shorter sequence's is its top-left corner, the bias depending on j - i only); soft-capping computes
+the scores explicitly (SDPA has no soft-cap)."""
 
 import itertools
 
@@ -17,12 +18,14 @@ SHORT_SEQUENCE_ELEMENTS = 8192
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-               window: int | None = None, softcap: float | None = None,
-               rel_bias: torch.Tensor | None = None) -> torch.Tensor:
+               softcap: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale (soft-capped) + bias + mask) v for one sequence: q [L, heads, head_dim], k/v
-    [L, kv_heads, head_dim] -> [L, heads, head_dim]. window, softcap and rel_bias as `plan_attention` takes them."""
+    [L, kv_heads, head_dim] -> [L, heads, head_dim]. softcap as `plan_attention` takes it; bias, where a window
+    or a relative bias asks for one, is `score_bias` at this length or longer (its top-left [L, L] is used), and
+    holds the causal mask too."""
     seq_len, num_heads, head_dim = q.shape
-    bias = score_bias(seq_len, causal, window, rel_bias, q.device)
+    if bias is not None:
+        bias = bias[:, :seq_len, :seq_len]
     if softcap is not None or (bias is None and q.device.type == "cpu" and q.dtype == torch.float32
                                and num_heads == k.shape[1] and seq_len * head_dim <= SHORT_SEQUENCE_ELEMENTS):
         # explicit scores: two batched matmuls over the heads beat SDPA's flash kernel on short sequences,
@@ -59,12 +62,12 @@ class PerSequenceAttention:
 
     def plan(self, cu_seqlens: torch.Tensor, max_seqlen: int, rel_bias: torch.Tensor | None = None) -> None:
         self.bounds = cu_seqlens.tolist()  # once per batch: the host reads no tensor per layer
-        self.rel_bias = rel_bias
+        self.bias = score_bias(max_seqlen, self.causal, self.window, rel_bias, cu_seqlens.device)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k and v may carry rows past the batch's tokens (a model that pads its rows once for the packed
         linear layers): those rows come back as zeros."""
-        bounds, extras = self.bounds, (self.window, self.softcap, self.rel_bias)
+        bounds, extras = self.bounds, (self.softcap, self.bias)
         if len(bounds) == 2 and bounds[1] == q.shape[0]:
             return attend_one(q, k, v, self.causal, self.scale, *extras)
         out = torch.empty_like(q)
