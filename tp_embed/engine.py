@@ -92,15 +92,15 @@ class Engine:
         """Build this rank's shard, fill it (checkpoint or --load-format dummy), and pack its linear layers
         for oneDNN where --cpu-matmul asks (float32 on the CPU only: elsewhere nothing is packed)."""
         t0 = time.perf_counter()
+        why = fp8_supported(self.device) if self.options.quantization == "fp8" else None
+        if why is not None:  # before any weight is read
+            raise ConfigError(f"--quantization fp8: {why}")
         self.model = build_model(self.spec, self.config, self.dtype, self.device)
         if self.options.load_format == "dummy":
             self.load_stats = init_dummy_weights(self.model)
         else:
             self.load_stats = load_weights(self.model, self.spec.checkpoint, self.model_dir, show_progress)
         if self.options.quantization == "fp8":
-            why = fp8_supported(self.device)
-            if why is not None:
-                raise ConfigError(f"--quantization fp8: {why}")
             quantize_linears(self.model)
         self.load_seconds = time.perf_counter() - t0
         packed = self.options.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0

@@ -84,13 +84,6 @@ class PackedLinear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + bias, then the activation (a FUSABLE_ACTIVATIONS name), then + residual."""
-        if self.fp8_weight is not None:
-            y = scaled_matmul(x.reshape(-1, x.shape[-1]), self.fp8_weight, self.fp8_scale).view(*x.shape[:-1], -1)
-            if bias is not None:
-                y = y + bias
-            if activation is not None:
-                y = F.gelu(y, approximate=FUSABLE_ACTIVATIONS[activation])
-            return y if residual is None else y + residual
         if self.fp8_reference:
             x = fake_quantize_rows(x)
         if self.packed is not None:
@@ -105,7 +98,11 @@ class PackedLinear(nn.Module):
                                                    FUSABLE_ACTIVATIONS[activation] if activation else "")
             y = y[:num_rows].view(*lead, -1)
         else:
-            y = F.linear(x, self.weight, bias)
+            if self.fp8_weight is not None:
+                y = scaled_matmul(x.reshape(-1, x.shape[-1]), self.fp8_weight, self.fp8_scale).view(*x.shape[:-1], -1)
+                y = y if bias is None else y + bias
+            else:
+                y = F.linear(x, self.weight, bias)
             if activation is not None:
                 y = F.gelu(y, approximate=FUSABLE_ACTIVATIONS[activation])
         return y if residual is None else y + residual
@@ -213,17 +210,19 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data[offset:offset + size].copy_(read_rows(loaded, start, size))
 
 
-class StackedQKVParallelLinear(ColumnParallelLinear):
-    """[q | k | v] = x [W_q; W_k; W_v]^T + b, loaded from ONE checkpoint tensor that stacks W_q, W_k and W_v
-    by rows (e.g. Qwen2-VL's vision `attn.qkv`). Rank i holds heads [i*h/p, (i+1)*h/p) of each, laid out
-    [q_i | k_i | v_i]."""
+class StackedColumnParallelLinear(ColumnParallelLinear):
+    """[Y_1 | ... | Y_n] = X [A_1; ...; A_n]^T + b, loaded from ONE checkpoint tensor that stacks the n parts
+    by rows (Qwen2-VL's vision `attn.qkv` and ModernBERT's `Wqkv`: q, k, v; ModernBERT's `Wi`: input, gate).
+    Each part is split along its output dimension (for q, k, v: by heads); rank i holds shard i of every part,
+    laid out [A_1_i; ...; A_n_i]."""
 
-    def __init__(self, hidden_size: int):
-        super().__init__(hidden_size, 3 * hidden_size, bias=True)
+    def __init__(self, input_size: int, part_size: int, num_parts: int, bias: bool):
+        self.num_parts = num_parts
+        super().__init__(input_size, num_parts * part_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        local, full = param.shape[0] // 3, loaded_shape(loaded)[0] // 3
-        for i in range(3):
+        local, full = param.shape[0] // self.num_parts, loaded_shape(loaded)[0] // self.num_parts
+        for i in range(self.num_parts):
             param.data[i * local:(i + 1) * local].copy_(read_rows(loaded, i * full + self.tp_rank * local, local))
 
 

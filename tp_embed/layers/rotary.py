@@ -4,19 +4,24 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
-def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """inv_freq [head_dim/2] and the cos/sin scale, from the config's rope parameters.
+def rope_inv_freq(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """inv_freq [head_dim/2] and the cos/sin scale, from the config's rope parameters: those of `layer_type`
+    where the config keeps one set per kind of layer (Gemma 3, ModernBERT: "full_attention",
+    "sliding_attention"), else the config's one set.
 
     Scaled variants (linear, yarn, llama3, ...) come from transformers' own table, so a checkpoint with
     rope scaling gets the frequencies transformers would give it.
     """
     params = getattr(hf_config, "rope_parameters", None) or {}
+    kwargs = {}
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params, kwargs = params[layer_type], {"layer_type": layer_type}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         return inv_freq, 1.0
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, **kwargs)
 
 
 def mrope_section(hf_config) -> list[int] | None:

@@ -200,7 +200,8 @@ def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "", hf
         num_kv_heads=num_kv_heads, head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
         intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, norm_eps=hf.rms_norm_eps,
         max_position_embeddings=hf.max_position_embeddings, causal=True if causal is None else bool(causal),
-        hidden_act=hf.hidden_act, gated_mlp=True, tp_size=tp_size, num_local_heads=num_heads // tp_size,
+        hidden_act=getattr(hf, "hidden_act", None) or hf.hidden_activation,  # Gemma names it hidden_activation
+        gated_mlp=True, tp_size=tp_size, num_local_heads=num_heads // tp_size,
         num_local_kv_heads=max(1, num_kv_heads // tp_size), vocab_size_padded=pad_vocab(hf.vocab_size, tp_size),
         embedding_size=hf.hidden_size, hf_config=hf_config,
         qkv_bias=bool(getattr(hf, "attention_bias", False)) or model_type in QKV_BIAS_MODEL_TYPES,

@@ -13,18 +13,20 @@ attn_logit_softcapping, so neither does this. EmbeddingGemma sets `use_bidirecti
 see every token and sliding ones the tokens within the window on both sides.
 """
 
+from dataclasses import replace
+
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tp_embed.batch import Batch
-from tp_embed.config import ModelConfig, check_tp_divides_heads, pad_vocab, tp_error
+from tp_embed.config import ModelConfig
 from tp_embed.errors import ConfigError
 from tp_embed.layers.attention import plan_attention
 from tp_embed.layers.linear import VocabParallelEmbedding
 from tp_embed.layers.norm import GemmaRMSNorm
-from tp_embed.layers.rotary import rope_cos_sin
-from tp_embed.models.decoder import PACKED_MODULES, DecoderAttention, DecoderMLP, kv_head_tp_values
+from tp_embed.layers.rotary import rope_cos_sin, rope_inv_freq
+from tp_embed.models import decoder
+from tp_embed.models.decoder import PACKED_MODULES, DecoderAttention, DecoderMLP
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -44,19 +46,6 @@ class GemmaDecoderLayer(nn.Module):
         h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attn, rows))
         x = (x if rows is None else x[rows]) + h
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-
-
-def layer_rope(hf, head_dim: int, layer_type: str) -> tuple[torch.Tensor, float]:
-    """inv_freq [head_dim/2] and the cos/sin scale of one layer type, as transformers computes them: Gemma 3's
-    rope_parameters hold one dict per layer type, Gemma 2's one for all."""
-    params, kwargs = hf.rope_parameters, {}
-    if isinstance(params.get(layer_type), dict):
-        params, kwargs = params[layer_type], {"layer_type": layer_type}
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        base = params["rope_theta"]
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
-    return ROPE_INIT_FUNCTIONS[rope_type](hf, None, **kwargs)
 
 
 def sliding_window(hf) -> int | None:
@@ -86,7 +75,7 @@ class GemmaModel(nn.Module):
         self.windows = {t: sliding_window(hf) if t == "sliding_attention" else None for t in set(self.layer_types)}
         self.rope_scales = {}
         for t in sorted(self.windows):
-            inv_freq, self.rope_scales[t] = layer_rope(hf, cfg.head_dim, t)
+            inv_freq, self.rope_scales[t] = rope_inv_freq(hf, cfg.head_dim, t)
             self.register_buffer(f"{t}_inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,12 +97,8 @@ class GemmaModel(nn.Module):
 
 
 def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
-    """Gemma 2 or Gemma 3 text. tp must split the query heads and split or replicate the KV heads."""
-    num_heads, num_kv_heads = hf.num_attention_heads, hf.num_key_value_heads
-    check_tp_divides_heads(tp_size, num_heads, name)
-    valid = kv_head_tp_values(num_heads, num_kv_heads)
-    if tp_size not in valid:
-        raise tp_error(tp_size, f"does not fit num_key_value_heads={num_kv_heads} of {name}", valid)
+    """Gemma 2 or Gemma 3 text: the decoder's config (tp must split the query heads and split or replicate the
+    KV heads), with Gemma's causality and Gemma 3's q/k norm."""
     unknown = sorted(set(hf.layer_types) - set(LAYER_TYPES))
     if unknown:
         raise ConfigError(f"{name}: unsupported layer_types {unknown}; supported: {', '.join(LAYER_TYPES)}")
@@ -121,14 +106,7 @@ def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") ->
     # Gemma 2's masks stay causal whatever use_bidirectional_attention says (transformers' Gemma2Model builds
     # causal masks only); Gemma 3 honours it
     causal = not (gemma3 and hf.use_bidirectional_attention)
-    return ModelConfig(
-        hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=hf.head_dim, intermediate_size=hf.intermediate_size,
-        vocab_size=hf.vocab_size, norm_eps=hf.rms_norm_eps, max_position_embeddings=hf.max_position_embeddings,
-        causal=causal, hidden_act=hf.hidden_activation, gated_mlp=True, tp_size=tp_size,
-        num_local_heads=num_heads // tp_size, num_local_kv_heads=max(1, num_kv_heads // tp_size),
-        vocab_size_padded=pad_vocab(hf.vocab_size, tp_size), embedding_size=hf.hidden_size, hf_config=hf,
-        qkv_bias=bool(hf.attention_bias), qk_norm=gemma3)
+    return replace(decoder.build_config(hf, raw, tp_size, name), causal=causal, qk_norm=gemma3)
 
 
 # `model.` from *ForCausalLM; no embedder needs the LM head

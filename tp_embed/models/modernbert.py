@@ -13,8 +13,6 @@ and one rotary table per kind serve all the layers of that kind. Norms carry a b
 Wqkv and the attention's Wo only with attention_bias, Wi and the MLP's Wo only with mlp_bias.
 """
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -24,32 +22,17 @@ from tp_embed.config import ModelConfig, check_tp_divides_heads, divisors, encod
 from tp_embed.errors import ConfigError
 from tp_embed.layers.attention import Attention, plan_attention
 from tp_embed.layers.linear import (
-    ColumnParallelLinear,
     RowParallelLinear,
+    StackedColumnParallelLinear,
     VocabParallelEmbedding,
     bucket_rows,
     pad_rows,
 )
 from tp_embed.layers.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
-from tp_embed.layers.weights import loaded_shape, read_rows, replicated_weight_loader
+from tp_embed.layers.weights import replicated_weight_loader
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
-
-
-class StackedColumnParallelLinear(ColumnParallelLinear):
-    """[Y_1 | ... | Y_n] = X [A_1; ...; A_n]^T + b, loaded from ONE checkpoint tensor that stacks the n parts
-    by rows (Wqkv: q, k, v; Wi: input, gate). Each part is split along its output dimension; rank i holds
-    shard i of every part, laid out [A_1_i; ...; A_n_i]."""
-
-    def __init__(self, input_size: int, part_size: int, num_parts: int, bias: bool):
-        self.num_parts = num_parts
-        super().__init__(input_size, num_parts * part_size, bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        local, full = param.shape[0] // self.num_parts, loaded_shape(loaded)[0] // self.num_parts
-        for i in range(self.num_parts):
-            param.data[i * local:(i + 1) * local].copy_(read_rows(loaded, i * full + self.tp_rank * local, local))
 
 
 def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
@@ -134,7 +117,7 @@ class ModernBertModel(nn.Module):
         self.window = {"full_attention": None, "sliding_attention": hf.local_attention // 2}
         self.kinds = tuple(kind for kind in ATTENTION_KINDS if kind in self.layer_types)
         for kind in self.kinds:
-            inv_freq, _ = rope_inv_freq(SimpleNamespace(rope_parameters=hf.rope_parameters[kind]), cfg.head_dim)
+            inv_freq, _ = rope_inv_freq(hf, cfg.head_dim, kind)
             self.register_buffer(f"{kind}_inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers import Qwen2VLImageProcessorPil  # numpy/PIL: needs no torchvi
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, ModelConfig, tp_error
 from tp_embed.layers.attention import Attention, plan_attention
-from tp_embed.layers.linear import ColumnParallelLinear, RowParallelLinear, StackedQKVParallelLinear
+from tp_embed.layers.linear import ColumnParallelLinear, RowParallelLinear, StackedColumnParallelLinear
 from tp_embed.layers.norm import LayerNorm
 from tp_embed.layers.rotary import apply_rotary
 from tp_embed.layers.weights import replicated_weight_loader
@@ -85,7 +85,7 @@ class VisionAttention(nn.Module):
     def __init__(self, vc: VisionConfig):
         super().__init__()
         self.vc = vc
-        self.qkv = StackedQKVParallelLinear(vc.embed_dim)
+        self.qkv = StackedColumnParallelLinear(vc.embed_dim, vc.embed_dim, 3, bias=True)  # q, k, v
         self.proj = RowParallelLinear(vc.embed_dim, vc.embed_dim, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
