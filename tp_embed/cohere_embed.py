@@ -112,10 +112,10 @@ def quantize(vectors: np.ndarray, kind: str) -> list:
     return np.rint((unit + 1) * 127.5).astype(np.uint8).tolist()
 
 
-def render(vectors: np.ndarray, req: CohereEmbedRequest, texts: list[str], num_tokens: int) -> bytes:
+def render(vectors: np.ndarray, req: CohereEmbedRequest, num_tokens: int) -> bytes:
     """The response body: each asked type once, in the order asked."""
     types = req.embedding_types or ["float"]
     return json.dumps({
         "id": str(uuid.uuid4()), "embeddings": {kind: quantize(vectors, kind) for kind in dict.fromkeys(types)},
-        "texts": texts, "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": num_tokens}},
+        "texts": texts_of(req), "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": num_tokens}},
         "response_type": "embeddings_by_type"}, separators=(",", ":")).encode()

@@ -413,60 +413,45 @@ class EmbeddingServer:
             outputs[prepared.order] = job.outputs
         return truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy(), prepared
 
-    async def render(self, request: Request, fn, *args) -> bytes:
-        """fn(*args) in the render stage: in the tokenizer pool for a large response."""
-        with request_trace(request).stage("render"):
-            if args[0].size > INLINE_RENDER_FLOATS:
-                return await self.loop.run_in_executor(self.pool, fn, *args)
-            return fn(*args)
-
-    async def create_embeddings(self, request: Request):
+    async def serve_embeddings(self, request: Request, render, parse=None) -> Response:
+        """Embed a request (its body read by `parse`, see prepare_embeddings) and answer render(vectors,
+        prepared), in the tokenizer pool for a large response: /v1/embeddings, /embed, /v2/embed."""
         start = time.perf_counter()
-        done = await self.embed_request(request)
+        done = await self.embed_request(request, parse)
         if done is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         vectors, prepared = done
-        content = await self.render(request, render_embeddings, vectors, prepared.encoding_format,
-                                    self.served_model_name, prepared.num_tokens)
+        with request_trace(request).stage("render"):
+            if vectors.size > INLINE_RENDER_FLOATS:
+                content = await self.loop.run_in_executor(self.pool, render, vectors, prepared)
+            else:
+                content = render(vectors, prepared)
         self.observe_request(start, len(vectors), prepared.num_tokens)
         return Response(content, media_type="application/json")
 
+    async def create_embeddings(self, request: Request):
+        return await self.serve_embeddings(request, lambda vectors, prepared: render_embeddings(
+            vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens))
+
     async def tei_embed(self, request: Request):
-        """text-embeddings-inference's POST /embed (and POST / for an embedding model): [[float]]; its error
-        shape."""
-        start = time.perf_counter()
+        """text-embeddings-inference's POST /embed (and POST /, which TEI dispatches by the model's task:
+        check_task answers a model that does not embed): [[float]]; its error shape."""
         try:
-            if request.url.path == "/" and "embed" not in self.scoring.tasks:
-                raise APIError(400, f"{self.served_model_name} serves {', '.join(self.scoring.tasks)}, not "
-                                    f"embeddings: use /rerank, /score or /classify")
-            done = await self.embed_request(request, tei.parse_embed_request)
+            return await self.serve_embeddings(request, lambda vectors, _: tei.render_vectors(vectors),
+                                               tei.parse_embed_request)
         except APIError as error:
-            return tei_error_response(error, self.metrics, request)
-        if done is None:
-            return Response(status_code=499)
-        vectors, prepared = done
-        content = await self.render(request, tei.render_vectors, vectors)
-        self.observe_request(start, len(vectors), prepared.num_tokens)
-        return Response(content, media_type="application/json")
+            return error_response(error, self.metrics, request, tei.error_body(error))
 
     async def cohere_v2_embed(self, request: Request):
         """Cohere's POST /v2/embed (tp_embed/cohere_embed.py): float, int8, uint8, binary, ubinary, base64."""
-        start = time.perf_counter()
         asked = {}
 
         def parse(body: bytes) -> EmbeddingRequest:
             embed, asked["request"] = cohere_embed.parse_request(body, self._local.text.prompts)
-            asked["texts"] = embed.input
             return embed
 
-        done = await self.embed_request(request, parse)
-        if done is None:
-            return Response(status_code=499)
-        vectors, prepared = done
-        content = await self.render(request, cohere_embed.render, vectors, asked["request"], asked["texts"],
-                                    prepared.num_tokens)
-        self.observe_request(start, len(vectors), prepared.num_tokens)
-        return Response(content, media_type="application/json")
+        return await self.serve_embeddings(request, lambda vectors, prepared: cohere_embed.render(
+            vectors, asked["request"], prepared.num_tokens), parse)
 
     async def tei_info(self, request: Request):
         """text-embeddings-inference's GET /info."""
@@ -474,7 +459,7 @@ class EmbeddingServer:
             self.authorize(request)
             self.check_ready()
         except APIError as error:
-            return tei_error_response(error, self.metrics, request)
+            return error_response(error, self.metrics, request, tei.error_body(error))
         engine = self.engine
         head = engine.config.head
         kind = tei.model_kind(engine.tasks, engine.pooling, dict(head.labels) if head is not None else None)
@@ -595,19 +580,15 @@ def json_response(obj, status: int = 200) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
-def tei_error_response(error: APIError, metrics: Metrics, request: Request) -> Response:
-    """An error on text-embeddings-inference's routes, in its shape (tp_embed/tei.py)."""
-    status, body = tei.error_body(error)
+def error_response(error: APIError, metrics: Metrics, request: Request | None = None,
+                   shape: tuple[int, bytes] | None = None) -> Response:
+    """The error's response: OpenAI's shape, or `shape`'s (status, body) on routes that answer in another API's
+    (text-embeddings-inference's: tei.error_body)."""
+    status, body = shape or (error.status, error.body())
     metrics.errors.labels(str(status), error.code or "none").inc()
-    request_trace(request).fail(error.code or ERROR_TYPES.get(error.status, "server_error"))
-    return Response(body, status_code=status, headers=error.headers, media_type="application/json")
-
-
-def error_response(error: APIError, metrics: Metrics, request: Request | None = None) -> Response:
-    metrics.errors.labels(str(error.status), error.code or "none").inc()
     if request is not None:  # for the request's span and log line
         request_trace(request).fail(error.code or ERROR_TYPES.get(error.status, "server_error"))
-    return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+    return Response(body, status_code=status, headers=error.headers, media_type="application/json")
 
 
 class MetricsMiddleware:
