@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tests/embed_models.py SPEC.json
 
 SPEC: {"tp": N, "out_dir": DIR, "texts": [...], "models": [{"name": ..., "flags": [...], "alone": bool}]}; a
-model may carry its own "texts".
+model may carry its own "texts", and "token_outputs" (["sparse", "colbert"]: DIR/NAME.sparse.npy and
+NAME.colbert.npy, the token head's rows [tokens, width] of the texts in one batch).
 Rank 0 writes DIR/NAME.npy (the texts in one call, packed into mixed batches), DIR/NAME.alone.npy (each
 text in a batch of its own) when asked; every rank writes DIR/NAME.rank{R}.json with its parameter bytes
 and what the loader read. One job for all models saves starting torch once per model.
@@ -23,6 +24,7 @@ from tp_embed.distributed import destroy_distributed, exit_process
 from tp_embed.engine import Engine
 from tp_embed.layers.linear import named_weights
 from tp_embed.pooling import truncate_and_normalize
+from tp_embed.token_heads import OUTPUTS
 
 
 def main() -> None:
@@ -58,6 +60,8 @@ def main() -> None:
             np.save(f"{name}.alone.npy", finish(torch.cat([engine.forward_pooled([s]) for s in seqs])))
         with open(f"{name}.tokens.json", "w") as f:
             json.dump([len(s) for s in seqs], f)
+        for output in model.get("token_outputs", ()):  # a token head's rows, every token of every text
+            np.save(f"{name}.{output}.npy", engine.forward_tokens(seqs, OUTPUTS[output]).numpy())
         engine.stop_workers()
     destroy_distributed()
 

@@ -1,20 +1,23 @@
-"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma) and ONE torchrun job per tp that embeds
-all of them: torch and gloo start three times instead of nine. tests/test_mpnet.py, test_modernbert.py and
-test_gemma.py read their models' outputs from the session fixture `family_jobs` (tests/conftest.py); each
-file's docstring says what its models are for."""
+"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma, SPLADE, bge-m3) and ONE torchrun job per tp that
+embeds all of them: torch and gloo start three times instead of twelve. tests/test_mpnet.py, test_modernbert.py,
+test_gemma.py, test_splade.py and test_bge_m3.py read their models' outputs from the session fixture `family_jobs`
+(tests/conftest.py); each file's docstring says what its models are for."""
 
 from dataclasses import dataclass
 
 import tiny_gemma as tg
 import tiny_models as tm
 import tiny_modernbert as tmb
+import tiny_splade as tsp
 from dist_utils import embed_models
+from tiny_m3 import make_bge_m3
 from tiny_mpnet import make_mpnet
 
 TPS = (1, 2, 4)
 TEXTS = tm.MIXED_TEXTS
 MPNET_TEXTS = tm.MIXED_TEXTS + [tm.LONG_TEXT]  # cut to 256 tokens: distances past the bias's 128
 MODERNBERT_FULL_WINDOW = 1024  # local_attention that covers every text
+SPLADE_TEXTS = tm.MIXED_TEXTS + [tm.LONG_TEXT]  # cut to 256 tokens
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,12 @@ def build_checkpoints(root) -> dict:
         # gemma-3-1b layout: `model.` keys, an lm_head to skip, causal with a one-sided window
         "gemma3_causal": tg.make_embeddinggemma(str(root / "gemma3_causal"), seed=1,
                                                 use_bidirectional_attention=False, architecture="Gemma3ForCausalLM"),
+        "splade_bert": tsp.make_splade_bert(str(root / "splade_bert")),
+        "splade_bert_untied": tsp.make_splade_bert(str(root / "splade_bert_untied"), seed=1,
+                                                   tie_word_embeddings=False, pooling_strategy="sum"),
+        "splade_distilbert": tsp.make_splade_distilbert(str(root / "splade_distilbert"), seed=2,
+                                                        activation_function="log1p_relu"),
+        "bge_m3": make_bge_m3(str(root / "bge_m3")),
     }
 
 
@@ -53,6 +62,10 @@ def model_specs(ck: dict, tp: int) -> list[dict]:
         model("embeddinggemma", alone=True),
         model("gemma3_causal"),
         model("embeddinggemma_query", "--prompt-name", "query", path="embeddinggemma"),
+        model("splade_bert", "--truncate", alone=True, texts=SPLADE_TEXTS),
+        model("splade_bert_untied", "--truncate", texts=SPLADE_TEXTS),
+        model("splade_distilbert", "--truncate", texts=SPLADE_TEXTS),
+        model("bge_m3", token_outputs=["sparse", "colbert"]),
     ]
     if tp == 1:  # ModernBERT with PyTorch's attention (the others take the compiled CPU kernel where it builds)
         specs.append(model("gte_torch", "--cpu-attention", "torch", path="gte"))

@@ -32,6 +32,7 @@ DIMS = (16, 32, 64)  # declared with --json-model-override-args; hidden size 64
 HIDDEN = 64
 VOCAB = 1003
 CONTEXT = 256
+MAX_INPUT_TOKENS = 32768  # the server's --max-input-tokens default
 MAX_BYTES = 1_000_000  # small, so that long strings also meet the 413
 FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "normalize", "truncate", "prompt_name",
           "instruction")
@@ -272,13 +273,18 @@ def expected_input_status(raw, truncate: bool, tokenizer) -> int | None:
         if not all(map(utf8, items)):
             return None
         lengths = [len(ids) for ids in tokenizer(items)["input_ids"]]
-        return 200 if truncate or max(lengths) <= CONTEXT else 400
+        return fits(max(lengths), truncate)
     sequences = [raw] if type(raw[0]) is int else raw
     if len(sequences) > 2048 or not all(isinstance(s, list) and s for s in sequences):
         return 400
     if not all(type(t) is int and 0 <= t < VOCAB for s in sequences for t in s):
         return 400
-    return 200 if truncate or max(map(len, sequences)) <= CONTEXT else 400
+    return fits(max(map(len, sequences)), truncate)
+
+
+def fits(num_tokens: int, truncate: bool) -> int:
+    """An input's status by its tokens: over --max-input-tokens is refused even with truncation."""
+    return 200 if num_tokens <= CONTEXT or (truncate and num_tokens <= MAX_INPUT_TOKENS) else 400
 
 
 def test_inputs(client, tokenizer):

@@ -380,3 +380,79 @@ def test_embedding_model_refuses_classify_and_head_options(embedder):
     err = error(embedder, "/v1/rerank", {"query": tm.LONG_TEXT, "documents": ["a"]})
     assert err["param"] == "query" and err["code"] == "context_length_exceeded"
     assert embedder.get("/v1/models").json()["data"][0]["tasks"] == ["embed", "score", "rerank"]
+
+
+# ---- text-embeddings-inference's /rerank shape (tp_embed/tei.py) ----
+
+def tei_rerank(server, body: dict) -> list[dict]:
+    r = server.post("/rerank", body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_tei_rerank_scores_as_the_rerank_route(ce, ce_ref):
+    ranks = tei_rerank(ce, {"query": QUERY, "texts": DOCS})
+    assert all(set(r) == {"index", "score"} for r in ranks)
+    assert sorted(r["index"] for r in ranks) == list(range(len(DOCS)))
+    scores = [r["score"] for r in ranks]
+    assert scores == sorted(scores, reverse=True)
+    cohere_shape = ok(ce, "/rerank", {"query": QUERY, "documents": DOCS})["results"]
+    assert [r["index"] for r in ranks] == [r["index"] for r in cohere_shape]
+    np.testing.assert_allclose(scores, [r["relevance_score"] for r in cohere_shape], atol=1e-6)
+    np.testing.assert_allclose(scores, ce_ref["scores"][[r["index"] for r in ranks]], atol=ATOL)
+    texts = tei_rerank(ce, {"query": QUERY, "texts": DOCS, "return_text": True, "truncate": True,
+                            "truncation_direction": "right"})
+    assert [r["text"] for r in texts] == [DOCS[r["index"]] for r in texts]
+    assert [r["index"] for r in texts] == [r["index"] for r in ranks]
+
+
+def test_tei_rerank_raw_scores_are_the_logits(ce, ce_ref):
+    ranks = tei_rerank(ce, {"query": QUERY, "texts": DOCS})
+    raw = tei_rerank(ce, {"query": QUERY, "texts": DOCS, "raw_scores": True, "truncate": False})
+    assert [r["index"] for r in raw] == [r["index"] for r in ranks]  # the sigmoid keeps the order
+    logits = np.array([r["score"] for r in raw])
+    np.testing.assert_allclose(logits, ce_ref["logits"][[r["index"] for r in raw]], atol=ATOL)
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), [r["score"] for r in ranks], atol=1e-6)
+    by_index = {r["index"]: r["score"] for r in ranks}  # the inverse sigmoid of each score
+    np.testing.assert_allclose(logits, [math.log(by_index[r["index"]] / (1 - by_index[r["index"]])) for r in raw],
+                               atol=1e-4)
+
+
+BAD_TEI_RERANKS = {
+    "missing texts": ({"query": QUERY, "return_text": True}, "texts"),
+    "empty texts": ({"query": QUERY, "texts": []}, "texts"),
+    "texts a string": ({"query": QUERY, "texts": "a"}, "texts"),
+    "a number in texts": ({"query": QUERY, "texts": ["a", 3]}, "texts"),
+    "an empty text": ({"query": QUERY, "texts": ["a", ""]}, "texts[1]"),
+    "too many texts": ({"query": QUERY, "texts": ["a"] * (MAX_DOCS + 1)}, "--max-rerank-documents"),
+    "missing query": ({"texts": ["a"]}, "query"),
+    "empty query": ({"query": "", "texts": ["a"]}, "query"),
+    "query a number": ({"query": 1, "texts": ["a"]}, "query"),
+    "raw_scores a string": ({"query": QUERY, "texts": ["a"], "raw_scores": "yes"}, "raw_scores"),
+    "return_text a number": ({"query": QUERY, "texts": ["a"], "return_text": 1}, "return_text"),
+    "truncate a string": ({"query": QUERY, "texts": ["a"], "truncate": "true"}, "truncate"),
+    "an unknown direction": ({"query": QUERY, "texts": ["a"], "truncation_direction": "Up"}, "truncation_direction"),
+    "Left": ({"query": QUERY, "texts": ["a"], "truncation_direction": "Left"}, "only Right"),
+    "unknown field": ({"query": QUERY, "texts": ["a"], "top_n": 1}, "top_n"),
+    "documents and texts": ({"query": QUERY, "texts": ["a"], "documents": ["a"]}, "documents"),
+    "query too long": ({"query": tm.LONG_TEXT, "texts": ["a"]}, "query"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TEI_RERANKS)
+def test_bad_tei_rerank_is_422_in_tei_shape(ce, case):
+    body, names = BAD_TEI_RERANKS[case]
+    r = ce.post("/rerank", body)
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == "Validation", r.text
+    assert names in r.json()["error"], r.text
+
+
+def test_tei_rerank_on_an_embedding_model_is_its_cosine(embedder):
+    docs = DOCS[:5]
+    ranks = tei_rerank(embedder, {"query": QUERY, "texts": docs, "return_text": True})
+    cohere_shape = ok(embedder, "/rerank", {"query": QUERY, "documents": docs})["results"]
+    assert [(r["index"], r["text"]) for r in ranks] == [(r["index"], r["document"]["text"]) for r in cohere_shape]
+    np.testing.assert_allclose([r["score"] for r in ranks], [r["relevance_score"] for r in cohere_shape], atol=1e-6)
+    r = embedder.post("/rerank", {"query": QUERY, "texts": docs, "raw_scores": True})
+    assert r.status_code == 422 and "raw_scores" in r.json()["error"], r.text

@@ -51,7 +51,7 @@ def test_info(minilm):
     ({}, 422, "inputs"),
     ({"inputs": 5}, 422, "input"),
     ({"inputs": "x", "normalize": "yes"}, 422, "normalize"),
-    ({"inputs": "x", "truncation_direction": "Left"}, 422, "truncation_direction"),
+    ({"inputs": "x", "truncation_direction": "Middle"}, 422, "truncation_direction"),
     ({"inputs": "x", "unknown": 1}, 422, "unknown"),
     ({"inputs": "x", "dimensions": 1000}, 422, "dimensions"),
     ({"inputs": " ".join(["word"] * 600)}, 422, "256"),
@@ -68,3 +68,74 @@ def test_oversized_body_is_413_in_tei_shape(minilm):
     r = minilm.post("/embed", {"inputs": "x" * (65 * 1024 * 1024)})  # past --max-request-bytes (64 MiB)
     assert r.status_code == 413, r.text[:200]
     assert r.json()["error_type"] == "Validation"
+
+
+def tokenize(server, body: dict) -> list:
+    r = server.post("/tokenize", body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_tokenize_in_tei_shape(minilm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm.model_dir)
+    texts = ["Hello world", "naïve café, [SEP] déjà vu"]
+    got = tokenize(minilm, {"inputs": texts})
+    assert len(got) == 2
+    for text, tokens in zip(texts, got):
+        assert [t["id"] for t in tokens] == tokenizer(text)["input_ids"]
+        assert all(set(t) == {"id", "text", "special", "start", "stop"} for t in tokens)
+        first, *middle, last = tokens
+        for special in (first, last):  # [CLS] and [SEP], added by the tokenizer
+            assert special["special"] and special["start"] is None and special["stop"] is None
+        assert [first["text"], last["text"]] == ["[CLS]", "[SEP]"]
+        for t in middle:
+            assert not t["special"] and t["text"] == text[t["start"]:t["stop"]] and t["text"]
+    accented = [t for t in got[1] if not t["special"]]
+    assert [t["text"] for t in accented][:2] == ["naïve", "café"]  # the input's characters, not the vocabulary's
+    assert any(t["text"] == "[SEP]" and not t["special"] for t in accented)  # typed text, not an added token
+    one = tokenize(minilm, {"inputs": texts[0], "add_special_tokens": False})  # a string: a list of one
+    assert [[t["id"] for t in one[0]]] == [tokenizer(texts[0], add_special_tokens=False)["input_ids"]]
+    assert not any(t["special"] for t in one[0])
+    # SGLang's shape on the same route is unchanged
+    assert minilm.post("/tokenize", {"prompt": texts[0]}).json()["tokens"] == tokenizer(texts[0])["input_ids"]
+
+
+@pytest.mark.parametrize("body, names", [
+    ({"prompt_name": None}, "inputs"),  # TEI's shape (prompt_name), without its inputs
+    ({"inputs": []}, "inputs"),
+    ({"inputs": ""}, "inputs"),
+    ({"inputs": ["a", 3]}, "inputs"),
+    ({"inputs": 5}, "inputs"),
+    ({"inputs": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ({"inputs": "a", "prompt_name": "query"}, "prompt_name"),  # all-MiniLM-L6-v2 has no prompts
+    ({"inputs": "a", "model": "x"}, "model"),
+])
+def test_bad_tokenize_gets_tei_errors(minilm, body, names):
+    r = minilm.post("/tokenize", body)
+    assert r.status_code == 422, r.text
+    error = r.json()
+    assert set(error) == {"error", "error_type"} and error["error_type"] == "Validation"
+    assert names in error["error"], error
+
+
+def test_tokenize_prepends_the_prompt_as_tei_does(minilm_dir):
+    """TEI tokenizes prompt + input (prompt_name's prompt, else the model's default): the offsets index that
+    string. Without a server: tei.tokenize on all-MiniLM-L6-v2's tokenizer with prompts of our own."""
+    import json
+
+    from tp_embed import tei
+    from tp_embed.config import SentenceTransformersConfig
+    from tp_embed.text import TextProcessor
+
+    st = SentenceTransformersConfig(prompts={"query": "query: ", "passage": "passage: "}, default_prompt_name="passage")
+    text = TextProcessor(minilm_dir, st, 512)
+    ids = {name: text.tokenizer(prompt + "cats eat fish")["input_ids"] for name, prompt in st.prompts.items()}
+    for body, prompt in (({"prompt_name": "query"}, "query: "), ({}, "passage: ")):
+        [tokens] = tei.tokenize(json.dumps({"inputs": "cats eat fish", **body}).encode(), text)
+        assert [t["id"] for t in tokens] == ids[prompt.rstrip(": ")]
+        words = [t for t in tokens if not t["special"]]
+        assert words[0]["start"] == 0 and words[0]["text"] == prompt.rstrip(": ")
+        assert [(t["start"], t["text"]) for t in words[-3:]] == [(len(prompt), "cats"), (len(prompt) + 5, "eat"),
+                                                                  (len(prompt) + 9, "fish")]

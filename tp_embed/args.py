@@ -82,9 +82,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-length", type=int, default=None, metavar="TOKENS",
                    help="longest input in tokens (default: sentence-transformers' max_seq_length, else "
                         "the tokenizer's model_max_length, else the model's position limit)")
+    g.add_argument("--long-inputs", default=None, choices=["error", "truncate", "chunk"],
+                   help="what to do with an input longer than the context length: error (a 400, the default), "
+                        "truncate (keep its beginning; requests may ask for its end with truncation_side "
+                        "\"left\"), or chunk (embed it in windows of the context length and combine their "
+                        "vectors, see docs/api.md; embedding models that pool mean, cls or last). Requests may "
+                        "override it with `truncate`, `truncate_prompt_tokens` or `long_inputs`")
     g.add_argument("--allow-auto-truncate", action="store_true",
-                   help="truncate inputs longer than the context length instead of rejecting them "
-                        "(requests may also ask with `truncate: true`)")
+                   help="the same as --long-inputs truncate")
+    g.add_argument("--max-input-tokens", type=int, default=32768, metavar="TOKENS",
+                   help="most tokens one input may have before truncation or chunking; a longer one gets a "
+                        "400 whatever --long-inputs says (default 32768)")
     g.add_argument("--max-batch-tokens", type=int, default=None, metavar="TOKENS",
                    help="token budget of one packed batch (default 16384 on CUDA, 8192 on CPU)")
     g.add_argument("--max-batch-seqs", type=int, default=256, metavar="N",
@@ -141,6 +149,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "each with its own tokenizer copy (default: min(4, CPU cores))")
     g.add_argument("--max-rerank-documents", type=int, default=1000, metavar="N",
                    help="most documents in one rerank request (default 1,000, as Cohere advises); more is a 400")
+    g.add_argument("--embedding-calibration", default=None, metavar="FILE",
+                   help="a .npy file that calibrates /v2/embed's int8 and uint8 vectors as sentence-transformers' "
+                        "quantize_embeddings does: calibration embeddings [n, dim] of this model, or ranges [2, dim] "
+                        "(row 0 each dimension's minimum, row 1 its maximum). Read at startup; a file that does not "
+                        "fit the model stops it (default: none, each vector scaled by its largest component)")
     g.add_argument("--access-log", action="store_true",
                    help="uvicorn's access line for every HTTP request, /health and /metrics included: client "
                         "address, method, path and status (off by default: it costs latency); see --log-requests")
@@ -248,10 +261,16 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         p.error("--max-batch-tokens must be at least 1")
     if args.max_batch_seqs < 1:
         p.error("--max-batch-seqs must be at least 1")
+    if args.long_inputs is None:
+        args.long_inputs = "truncate" if args.allow_auto_truncate else "error"
+    elif args.allow_auto_truncate and args.long_inputs != "truncate":
+        p.error(f"--allow-auto-truncate means --long-inputs truncate; it conflicts with --long-inputs "
+                f"{args.long_inputs}")
+    args.allow_auto_truncate = args.long_inputs == "truncate"
     if not 1 <= args.min_pixels <= args.max_pixels:
         p.error(f"--min-pixels {args.min_pixels} and --max-pixels {args.max_pixels}: need "
                 f"1 <= min-pixels <= max-pixels")
-    for name in ("max_request_bytes", "max_queued_tokens", "tokenizer_workers", "max_image_pixels",
+    for name in ("max_input_tokens", "max_request_bytes", "max_queued_tokens", "tokenizer_workers", "max_image_pixels",
                  "max_image_bytes", "max_request_images", "max_rerank_documents"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

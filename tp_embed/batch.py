@@ -18,6 +18,9 @@ class Batch:
     # cross-encoders' segments: int32 [num_tokens], 0 for the query's tokens and 1 for the document's;
     # None means every token is segment 0
     token_type_ids: torch.Tensor | None = None
+    # what rank 0 returns (tp_embed/token_heads.py): 0 the pooled rows; else a token head's row for every token,
+    # and then no rank prunes the last layer
+    output: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -35,7 +38,7 @@ class Batch:
     def from_token_ids(sequences: list[list[int]], device: torch.device | str = "cpu",
                        pixel_values: torch.Tensor | None = None,
                        image_grid_thw: torch.Tensor | None = None,
-                       type_starts: list[int] | None = None) -> "Batch":
+                       type_starts: list[int] | None = None, output: int = 0) -> "Batch":
         """Pack token-id lists end to end; positions restart at 0 in each sequence. A batch may hold
         images and no sequences (an image-only request to CLIP). `type_starts[i]` is the position where
         sequence i's second segment begins (its length when it has one segment)."""
@@ -55,11 +58,11 @@ class Batch:
                                              torch.tensor(lens, dtype=torch.long))
             token_types = (positions >= starts).to(torch.int32)
         batch = Batch(input_ids, positions, cu_seqlens, max(lens, default=0), pixel_values,
-                      None if image_grid_thw is None else image_grid_thw.to(torch.int32), token_types)
+                      None if image_grid_thw is None else image_grid_thw.to(torch.int32), token_types, output)
         return batch.to(device)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(self.input_ids.to(device), self.positions.to(device), self.cu_seqlens.to(device),
                      self.max_seqlen, move(self.pixel_values), move(self.image_grid_thw),
-                     move(self.token_type_ids))
+                     move(self.token_type_ids), self.output)

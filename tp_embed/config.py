@@ -52,8 +52,14 @@ class SentenceTransformersConfig:
         pooling, normalize, dense = None, False, []
         for module in modules:
             kind = module.get("type", "")
+            if kind.endswith(".Router"):
+                raise ConfigError(f"{model_dir}: modules.json routes queries and documents to different modules "
+                                  f"(sentence-transformers' Router, e.g. an asymmetric sparse encoder); tp-embed "
+                                  f"serves one module path per model")
             if kind.endswith(".Dense"):
                 dense.append(module.get("path", ""))
+            elif kind.endswith("SpladePooling"):
+                continue  # the model's own head pools (read_splade_pooling)
             elif kind.endswith("Pooling"):
                 pool_cfg = _read_json(os.path.join(model_dir, module.get("path", ""), "config.json")) or {}
                 if pool_cfg.get("pooling_mode_lasttoken"):
@@ -74,6 +80,34 @@ class SentenceTransformersConfig:
             pooling=pooling, normalize=normalize, max_seq_length=bert_cfg.get("max_seq_length"),
             prompts=dict(st_cfg.get("prompts") or {}), default_prompt_name=st_cfg.get("default_prompt_name"),
             dense=tuple(dense))
+
+
+@dataclass(frozen=True)
+class SpladePoolingConfig:
+    """sentence-transformers' SpladePooling (its folder's config.json): a SPLADE model's weight for vocabulary
+    entry v is, over the input's tokens t, `strategy` ("max" or "sum") of log(1 + relu(logit[t, v])); with
+    `activation` "log1p_relu" (OpenSearch's models) log1p is applied twice."""
+    strategy: str
+    activation: str
+
+
+SPLADE_STRATEGIES = ("max", "sum")
+SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
+
+
+def read_splade_pooling(model_dir: str) -> SpladePoolingConfig | None:
+    """The SpladePooling module of the model directory's modules.json, or None where it has none."""
+    for module in _read_json(os.path.join(model_dir, "modules.json")) or []:
+        if module.get("type", "").endswith("SpladePooling"):
+            cfg = _read_json(os.path.join(model_dir, module.get("path", ""), "config.json")) or {}
+            splade = SpladePoolingConfig(cfg.get("pooling_strategy", "max"), cfg.get("activation_function", "relu"))
+            if splade.strategy not in SPLADE_STRATEGIES or splade.activation not in SPLADE_ACTIVATIONS:
+                raise ConfigError(f"{model_dir}: SpladePooling with pooling_strategy {splade.strategy!r} and "
+                                  f"activation_function {splade.activation!r}; tp-embed supports pooling_strategy "
+                                  f"{' or '.join(SPLADE_STRATEGIES)}, activation_function "
+                                  f"{' or '.join(SPLADE_ACTIVATIONS)}")
+            return splade
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,12 +160,16 @@ class ModelConfig:
     type_vocab_size: int = 0  # encoders' token-type embeddings
     position_offset: int = 0  # XLM-RoBERTa's positions start after padding_idx
     head: HeadConfig | None = None  # a cross-encoder or classifier (embedding_size is then num_labels)
+    splade: SpladePoolingConfig | None = None  # a SPLADE model (embedding_size is then the vocabulary size)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """What the model serves: an embedder embeds, and scores and reranks by the cosine of its vectors;
         a one-label head scores, reranks and classifies (a reranker with a prompt template only scores and
-        reranks: a text without its pair means nothing to it); a head of more labels classifies."""
+        reranks: a text without its pair means nothing to it); a head of more labels classifies; a SPLADE
+        model gives sparse vectors (one weight per vocabulary entry, mostly zeros), nothing else."""
+        if self.splade is not None:
+            return ("sparse",)
         if self.head is None:
             return ("embed", "score", "rerank")
         if self.head.num_labels > 1:
@@ -170,7 +208,9 @@ def encoder_config(hf, tp_size: int, name: str, **fields) -> ModelConfig:
     check_tp_divides_heads(tp_size, num_heads, name)
     shared = dict(
         hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_heads,
-        head_dim=hf.hidden_size // num_heads, intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size,
+        head_dim=hf.hidden_size // num_heads, vocab_size=hf.vocab_size,
+        # DistilBERT's config calls it hidden_dim: read intermediate_size only where `fields` does not give it
+        intermediate_size=fields.get("intermediate_size") or hf.intermediate_size,
         max_position_embeddings=hf.max_position_embeddings, causal=False, tp_size=tp_size,
         num_local_heads=num_heads // tp_size, num_local_kv_heads=num_heads // tp_size,
         vocab_size_padded=pad_vocab(hf.vocab_size, tp_size), embedding_size=hf.hidden_size, hf_config=hf)
@@ -219,6 +259,7 @@ class EngineConfig:
     normalize: bool | None
     context_length: int | None
     allow_auto_truncate: bool
+    long_inputs: str
     max_batch_tokens: int | None
     max_batch_seqs: int
     chat_template: str | None

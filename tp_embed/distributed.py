@@ -143,6 +143,17 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] on each rank -> [rows, tp * cols] on every rank: the ranks' tensors side by side, in
+    rank order (a vocab-parallel head's columns made whole)."""
+    if _STATE.tp_size == 1:
+        return x
+    send = x.to(comm_device()).contiguous()  # gloo gathers host tensors: the one-GPU tp>1 test path copies
+    parts = [torch.empty_like(send) for _ in range(_STATE.tp_size)]
+    dist.all_gather(parts, send, group=_STATE.tp_group)
+    return torch.cat(parts, dim=-1).to(x.device)
+
+
 def all_reduce_min(value: int) -> int:
     """The smallest of each rank's `value` over the tensor-parallel group (ranks agreeing on a limit)."""
     if _STATE.tp_size == 1:

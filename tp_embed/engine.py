@@ -33,6 +33,7 @@ from tp_embed.pooling import pool
 from tp_embed.protocol import Cmd, recv, recv_pooled, send_batch, send_command, send_pooled
 from tp_embed.st_modules import DenseStack
 from tp_embed.text import TextProcessor
+from tp_embed.token_heads import TokenHeads
 
 logger = logging.getLogger("tp_embed")
 
@@ -75,6 +76,14 @@ class Engine:
         self.dense = None
         if self.is_driver and self.pooling is not None:
             self.dense = DenseStack.load(self.model_dir, st.dense, self.config.embedding_size, self.device)
+        if options.long_inputs == "chunk" and self.pooling is None:
+            raise ConfigError(f"--long-inputs chunk combines the pooled vectors of an input's windows, and "
+                              f"{self.model_name} ({', '.join(self.tasks)}) pools its own outputs: use "
+                              f"--long-inputs error or truncate")
+        # bge-m3's sparse and ColBERT heads, where the directory has them (tp_embed/token_heads.py)
+        self.token_heads = None
+        if self.is_driver and self.pooling is not None:
+            self.token_heads = TokenHeads.load(self.model_dir, self.config.hidden_size, self.device)
         has_st = os.path.isfile(os.path.join(self.model_dir, "modules.json"))
         self.normalize = options.normalize if options.normalize is not None else (st.normalize or not has_st)
         hf = self.config.hf_config
@@ -163,8 +172,10 @@ class Engine:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """What this model serves: embed, score, rerank, classify (ModelConfig.tasks)."""
-        return self.config.tasks
+        """What this model serves: embed, score, rerank, classify, sparse (ModelConfig.tasks), and on rank 0
+        its token heads' outputs (sparse, colbert)."""
+        heads = self.token_heads.outputs if self.token_heads is not None else ()
+        return self.config.tasks + tuple(h for h in heads if h not in self.config.tasks)
 
     def forward_pooled(self, sequences: list[list[int]], type_starts: list[int] | None = None) -> torch.Tensor:
         """Rank 0: one packed batch of token sequences -> pooled float32 [n, hidden] on CPU (a head's
@@ -183,16 +194,22 @@ class Engine:
         batch = batch.to(self.device)
         rows = self.pooled_rows(batch)
         out = self.run_model(batch, rows)
+        if batch.output:  # a token head's row for every token
+            return self.token_heads(out, batch.output).cpu()
         if self.pooling is None:
             return out.float().cpu()
         pooled = out.float() if rows is not None else pool(out, batch.cu_seqlens, self.pooling)
         return (pooled if self.dense is None else self.dense(pooled)).cpu()
 
+    def forward_tokens(self, sequences: list[list[int]], output: int) -> torch.Tensor:
+        """Rank 0: one packed batch -> the token head `output`'s float32 [num_tokens, width] on CPU."""
+        return self.forward_batch(Batch.from_token_ids(sequences, output=output))
+
     def pooled_rows(self, batch: Batch) -> torch.Tensor | None:
         """The rows cls or last pooling reads, where the model can stop its final layer at them (last-layer
         pruning: that layer's attention output projection and MLP run on one row per input); else None.
         Every rank of the group computes the same rows from the batch."""
-        if not self.spec.prunes_last_layer or self.pooling not in ("cls", "last"):
+        if not self.spec.prunes_last_layer or self.pooling not in ("cls", "last") or batch.output:
             return None
         cu = batch.cu_seqlens.long()
         return cu[:-1] if self.pooling == "cls" else cu[1:] - 1
@@ -338,6 +355,11 @@ class RemoteGroup:
     def forward_pooled(self, sequences: list[list[int]], type_starts: list[int] | None = None) -> torch.Tensor:
         send_batch(Batch.from_token_ids(sequences, type_starts=type_starts), self.group, 0)
         return recv_pooled(len(sequences), self.engine.embedding_size, self.group, self.leader)
+
+    def forward_tokens(self, sequences: list[list[int]], output: int) -> torch.Tensor:
+        send_batch(Batch.from_token_ids(sequences, output=output), self.group, 0)
+        num_tokens = sum(map(len, sequences))
+        return recv_pooled(num_tokens, self.engine.token_heads.width(output), self.group, self.leader)
 
     def heartbeat(self) -> None:
         send_command(Cmd.NOOP, self.group, 0)

@@ -72,7 +72,8 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
                 if f".{param_part}." in f".{name}":
                     expected[name] = expected[name] - {None} | {shard_id}
     # a parameter with `tied_to` (a causal LM's head tied to its embedding table) loads from its source's
-    # tensor unless the checkpoint has a tensor of its own, which wins whichever comes first
+    # tensor unless the checkpoint has a tensor of its own, which wins whichever comes first; the source may
+    # be a tensor no parameter holds (BERT's cls.predictions.bias, its decoder's bias unless that is saved)
     tied = defaultdict(list)
     for name, param in params.items():
         if getattr(param, "tied_to", None):
@@ -89,19 +90,19 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
                     if target is None:
                         continue
                     name, shard_id = target
-                    if name not in params:
+                    if name not in params and name not in tied:
                         if name.endswith(("rotary_emb.inv_freq", "position_ids")):
                             continue  # buffers some checkpoints carry
                         raise ConfigError(f"{model_dir}: checkpoint tensor {key!r} matches no parameter "
                                           f"of {type(model).__name__} (mapped to {name!r})")
-                    param = params[name]
-                    view = _CountingSlice(f.get_slice(key), stats, name)
-                    if shard_id is None:
-                        param.weight_loader(param, view)
-                    else:
-                        param.weight_loader(param, view, shard_id)
-                    loaded[name].add(shard_id)
-                    own.add(name)
+                    if name in params:
+                        param, view = params[name], _CountingSlice(f.get_slice(key), stats, name)
+                        if shard_id is None:
+                            param.weight_loader(param, view)
+                        else:
+                            param.weight_loader(param, view, shard_id)
+                        loaded[name].add(shard_id)
+                        own.add(name)
                     for other in tied.get(name, ()):
                         if other not in own:
                             params[other].weight_loader(params[other], _CountingSlice(f.get_slice(key), stats, other))

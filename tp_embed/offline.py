@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
 
 def compute(engine, args, data: list, lanes: list):
     """Rank 0: the output tensor of --task for the texts or pairs in `data`."""
-    from tp_embed.pooling import check_dimensions, truncate_and_normalize
+    from tp_embed.pooling import check_dimensions, combine_windows, truncate_and_normalize
     from tp_embed.scoring import ScoringModel, probabilities, score_pairs
+    from tp_embed.text import LengthPolicy
 
     pairs = isinstance(data[0], tuple)
     task = args.task or ("score" if pairs else "embed" if "embed" in engine.tasks else "classify")
@@ -192,8 +193,12 @@ def compute(engine, args, data: list, lanes: list):
         sequences = engine.text.encode(data, truncate=args.allow_auto_truncate)
         return probabilities(engine.embed(sequences, lanes=lanes, show_progress=progress), engine.config.head)
     check_dimensions(args.dimensions, engine.embedding_size, engine.matryoshka_dimensions, engine.is_matryoshka)
-    sequences = engine.text.encode(data, truncate=args.allow_auto_truncate, prompt=engine.text.prompt(args.prompt_name))
+    policy = LengthPolicy(args.long_inputs, max_input_tokens=args.max_input_tokens)
+    windows = engine.text.encode_windows(data, policy, engine.text.prompt(args.prompt_name))
+    sequences = [s for w in windows for s in w]
     pooled = engine.embed(sequences, lanes=lanes, show_progress=progress)
+    if len(sequences) > len(windows):  # --long-inputs chunk cut some inputs into windows
+        pooled = combine_windows(pooled, [len(w) for w in windows], [len(s) for s in sequences], engine.pooling)
     return truncate_and_normalize(pooled, args.dimensions, engine.normalize)
 
 

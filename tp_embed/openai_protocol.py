@@ -6,6 +6,7 @@ and never reaches the engine thread or a worker.
 
 import base64
 import json
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
@@ -32,7 +33,8 @@ class APIError(Exception):
 
 
 class EmbeddingRequest(BaseModel):
-    """POST /v1/embeddings. `normalize`, `truncate` and `prompt_name` are tp-embed extensions."""
+    """POST /v1/embeddings. `normalize`, `truncate`, `long_inputs`, `output` and `prompt_name` are tp-embed extensions;
+    `truncate_prompt_tokens` and `truncation_side` are vLLM's."""
     model_config = ConfigDict(extra="forbid")
 
     input: object  # str | list[str] | list[int] | list[list[int]], checked by parse_input
@@ -42,6 +44,11 @@ class EmbeddingRequest(BaseModel):
     user: StrictStr | None = None
     normalize: StrictBool | None = None
     truncate: StrictBool | None = None
+    truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep at most N tokens (-1: the context length)
+    truncation_side: Literal["right", "left"] | None = None  # right keeps the beginning
+    long_inputs: Literal["error", "truncate", "chunk"] | None = None  # overrides --long-inputs
+    # dense (the default), or a sparse model's / bge-m3's sparse vector, or bge-m3's ColBERT vectors
+    output: Literal["dense", "sparse", "colbert"] | None = None
     prompt_name: StrictStr | None = None
     instruction: StrictStr | None = None  # GME's system instruction for this request's items
 
@@ -215,3 +222,25 @@ def render_embeddings(vectors: np.ndarray, encoding_format: str, model: str, num
     tail = json.dumps({"model": model, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}},
                       separators=(",", ":"))
     return b'{"object":"list","data":[' + data + b"]," + tail[1:].encode()
+
+
+def render_outputs(results: list, output: str, encoding_format: str, model: str, num_tokens: int) -> bytes:
+    """The response body for `output` sparse or colbert (a tp-embed extension), data[i] from results[i]:
+
+    sparse: (indices, values) -> "embedding": {"indices": [ascending ints], "values": [floats]};
+    colbert: float32 [tokens, dim] -> "embedding": [[floats], ...] one vector per token, or with base64 the
+    little-endian float32 bytes of the matrix, row after row (a client reshapes them by the model's dim).
+    """
+    data = []
+    for i, result in enumerate(results):
+        if output == "sparse":
+            indices, values = result
+            embedding = {"indices": indices.tolist(), "values": values.tolist()}
+        elif encoding_format == "base64":
+            embedding = base64.b64encode(result.astype("<f4", copy=False).tobytes()).decode()
+        else:
+            embedding = result.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return json.dumps({"object": "list", "data": data, "model": model,
+                       "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}},
+                      separators=(",", ":")).encode()

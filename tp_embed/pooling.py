@@ -58,3 +58,25 @@ def check_dimensions(dimensions: int | None, hidden_size: int, matryoshka_dimens
         raise MatryoshkaError(f"this model does not support Matryoshka dimensions (its config has neither "
                               f"matryoshka_dimensions nor is_matryoshka); dimensions must be omitted or equal "
                               f"{hidden_size}")
+
+
+def combine_windows(rows: torch.Tensor, counts: list[int], lengths: list[int], mode: str) -> torch.Tensor:
+    """One vector per input from its windows' pooled rows (--long-inputs chunk), before normalization.
+
+    rows [sum(counts), dim] holds each input's windows in order, counts[i] of them for input i, lengths[j]
+    tokens in window j. mean: the token-weighted mean of the windows' means, which is the mean over every
+    token embedded; last: the token-weighted mean too (each window's last token summarizes that window, and
+    a longer window holds more of the text); cls: the first window's, the one that starts where the model
+    was trained to read.
+    """
+    if mode not in ("mean", "last", "cls"):
+        raise ValueError(f"chunked inputs are combined for mean, last or cls pooling, not {mode!r}")
+    counts_t = torch.tensor(counts, dtype=torch.long)
+    if mode == "cls":
+        firsts = torch.cumsum(counts_t, 0) - counts_t
+        return rows[firsts]
+    weights = torch.tensor(lengths, dtype=torch.float32)[:, None]
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    sums = torch.zeros(len(counts), rows.shape[1], dtype=torch.float32).index_add_(0, owner, rows.float() * weights)
+    totals = torch.zeros(len(counts), dtype=torch.float32).index_add_(0, owner, weights[:, 0])
+    return sums / totals[:, None]

@@ -46,15 +46,16 @@ class QueueFullError(RuntimeError):
 class Job:
     """One request's token sequences on their way through the queue.
 
-    `outputs` is float32 [len(sequences), hidden] once `error` is None and the job is delivered.
+    `outputs` is float32 [len(sequences), hidden] once `error` is None and the job is delivered; for a job whose
+    `output` asks a token head (tp_embed/token_heads.py), a list of float32 [len(sequence), width], one per sequence.
     `future` belongs to the caller (the HTTP handler's asyncio future); the scheduler never touches it.
     """
 
     __slots__ = ("sequences", "num_tokens", "next_seq", "num_done", "outputs", "error", "cancelled",
-                 "released", "future", "items", "type_starts", "started")
+                 "released", "future", "items", "type_starts", "started", "output")
 
     def __init__(self, sequences: list[list[int]], num_tokens: int | None = None, future=None,
-                 items: list | None = None, type_starts: list[int] | None = None):
+                 items: list | None = None, type_starts: list[int] | None = None, output: int = 0):
         # a multimodal job carries its items prepared by the model's processor (engine.prepare_items)
         # instead of token sequences, and num_tokens their cost; group 0's engine thread embeds waiting
         # item jobs together with engine.embed_prepared (the processor packs the batches)
@@ -71,6 +72,7 @@ class Job:
         self.released = False  # its tokens no longer count against max_queued_tokens
         self.future = future
         self.started: int | None = None  # time.time_ns() when its first batch started (request tracing)
+        self.output = output  # token_heads.POOLED, or the token head its batches run (never mixed in a batch)
 
 
 class Scheduler:
@@ -212,39 +214,59 @@ class Scheduler:
                     engine.heartbeat()
                     last_collective = time.monotonic()
                 continue
-            sequences = [s for job, start, end in batch for s in job.sequences[start:end]]
-            num_tokens = sum(map(len, sequences))
-            started = time.time_ns()
-            for job, start, _ in batch:
-                if start == 0:
-                    job.started = started
-            t0 = time.perf_counter()
-            pooled = engine.forward_pooled(sequences, self._type_starts(batch))
-            seconds = time.perf_counter() - t0
+            self._run_batch(engine, batch, group)
             last_collective = time.monotonic()
-            rate = num_tokens / max(seconds, 1e-6)
-            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * rate if self._tokens_per_s else rate
-            if self.metrics is not None:
-                self.metrics.observe_batch(len(batch), len(sequences), num_tokens, seconds, group)
-            finished, row = [], 0
-            # under the lock: with data parallelism two groups' threads may each hold part of one job, and
-            # both would otherwise allocate its outputs (one losing the other's rows) or miscount num_done
-            with self._cond:
-                for job, start, end in batch:
-                    rows = pooled[row:row + end - start]
-                    row += end - start
-                    if start == 0 and end == len(job.sequences):
-                        job.outputs = rows  # the whole job in this batch: a view, no copy
-                    else:
-                        if job.outputs is None:
-                            job.outputs = torch.empty(len(job.sequences), pooled.shape[1], dtype=pooled.dtype)
-                        job.outputs[start:end] = rows
-                    job.num_done += end - start
-                    if job.num_done == len(job.sequences):
-                        finished.append(job)
-                finished = self._finish_locked(finished)
-            if finished:
-                self.deliver(finished)
+
+    def _run_batch(self, engine, batch: list[tuple[Job, int, int]], group: int) -> None:
+        """Run one packed batch of job slices on a group and deliver the jobs it finishes."""
+        sequences = [s for job, start, end in batch for s in job.sequences[start:end]]
+        num_tokens = sum(map(len, sequences))
+        started = time.time_ns()
+        for job, start, _ in batch:
+            if start == 0:
+                job.started = started
+        t0 = time.perf_counter()
+        output = batch[0][0].output
+        if output:
+            rows = engine.forward_tokens(sequences, output)
+        else:
+            rows = engine.forward_pooled(sequences, self._type_starts(batch))
+        seconds = time.perf_counter() - t0
+        rate = num_tokens / max(seconds, 1e-6)
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * rate if self._tokens_per_s else rate
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch), len(sequences), num_tokens, seconds, group)
+        # under the lock: with data parallelism two groups' threads may each hold part of one job, and
+        # both would otherwise allocate its outputs (one losing the other's rows) or miscount num_done
+        with self._cond:
+            finished = self._finish_locked(self._distribute(batch, rows, output))
+        if finished:
+            self.deliver(finished)
+
+    @staticmethod
+    def _distribute(batch: list[tuple[Job, int, int]], rows: torch.Tensor, output: int) -> list[Job]:
+        """Each job slice's rows of a batch into its outputs (a token head's rows split per sequence); the jobs
+        now complete. Called with the lock held."""
+        finished, row = [], 0
+        for job, start, end in batch:
+            if output:
+                lengths = [len(s) for s in job.sequences[start:end]]
+                if job.outputs is None:
+                    job.outputs = [None] * len(job.sequences)
+                job.outputs[start:end] = rows[row:row + sum(lengths)].split(lengths)
+                row += sum(lengths)
+            elif start == 0 and end == len(job.sequences):
+                job.outputs = rows[row:row + end - start]  # the whole job in this batch: a view, no copy
+                row += end - start
+            else:
+                if job.outputs is None:
+                    job.outputs = torch.empty(len(job.sequences), rows.shape[1], dtype=rows.dtype)
+                job.outputs[start:end] = rows[row:row + end - start]
+                row += end - start
+            job.num_done += end - start
+            if job.num_done == len(job.sequences):
+                finished.append(job)
+        return finished
 
     @staticmethod
     def _type_starts(batch: list[tuple[Job, int, int]]) -> list[int] | None:
@@ -314,6 +336,8 @@ class Scheduler:
             if job.cancelled:
                 self._waiting.popleft()
                 continue
+            if batch and job.output != batch[0][0].output:
+                break  # one kind of output a batch: the next batch starts with this job
             sequences, start = job.sequences, job.next_seq
             end = start
             while end < len(sequences) and packer.fits(len(sequences[end])):

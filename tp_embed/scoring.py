@@ -2,7 +2,8 @@
 becomes, and the response its rows make.
 
     POST /v1/rerank, /rerank, /v2/rerank   a query and N documents -> results sorted by relevance
-                                           (the shape vLLM, Jina and Cohere share)
+                                           (the shape vLLM, Jina and Cohere share; /rerank takes
+                                           text-embeddings-inference's too, tp_embed/tei.py)
     POST /v1/score, /score                 text_1 x text_2 (1:1, 1:N, N:N) -> one score per pair (vLLM's)
     POST /v1/classify, /classify           texts -> label and probabilities (vLLM's)
 
@@ -108,23 +109,24 @@ def probabilities(logits: torch.Tensor, head: HeadConfig) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
-def parse_documents(raw: list, limit: int) -> list[str]:
-    """Documents as strings or {"text": str} objects; at least one, at most `limit`."""
+def parse_documents(raw: list, limit: int, param: str = "documents") -> list[str]:
+    """Documents as strings or {"text": str} objects; at least one, at most `limit`. `param` names the field
+    in errors (TEI's /rerank calls it texts)."""
     if not raw:
-        raise APIError(400, "documents must not be an empty list", param="documents")
+        raise APIError(400, f"{param} must not be an empty list", param=param)
     if len(raw) > limit:
-        raise APIError(400, f"documents has {len(raw)} entries; at most {limit} are allowed per request "
-                            f"(--max-rerank-documents)", param="documents")
+        raise APIError(400, f"{param} has {len(raw)} entries; at most {limit} are allowed per request "
+                            f"(--max-rerank-documents)", param=param)
     texts = []
     for i, doc in enumerate(raw):
         if isinstance(doc, dict) and set(doc) == {"text"}:
             doc = doc["text"]
         if not isinstance(doc, str):
-            raise APIError(400, f"documents[{i}] is {json_kind(doc)}; a document is a string or an object "
-                                f"{{\"text\": string}}", param="documents")
+            raise APIError(400, f"{param}[{i}] is {json_kind(doc)}; a document is a string or an object "
+                                f"{{\"text\": string}}", param=param)
         if not doc:
-            raise APIError(400, f"documents[{i}] is an empty string", param="documents")
-        check_text(doc, f"documents[{i}]", param="documents")
+            raise APIError(400, f"{param}[{i}] is an empty string", param=param)
+        check_text(doc, f"{param}[{i}]", param=param)
         texts.append(doc)
     return texts
 

@@ -53,11 +53,13 @@ from tp_embed.openai_protocol import (
     parse_items,
     parse_json_body,
     render_embeddings,
+    render_outputs,
 )
-from tp_embed.pooling import MatryoshkaError, check_dimensions, truncate_and_normalize
+from tp_embed.pooling import MatryoshkaError, check_dimensions, combine_windows, truncate_and_normalize
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
 from tp_embed.scoring import ScoringModel, check_task, prepare_classify, prepare_rerank, prepare_score
-from tp_embed.text import InputTooLongError
+from tp_embed.text import InputTooLongError, LengthPolicy
+from tp_embed.token_heads import OUTPUTS, POOLED, dense_sparse, lexical_weights, unused_token_ids
 from tp_embed.tracing import API_ROUTES, OFF, RequestTraceMiddleware, TracingError, request_trace, start_tracing
 
 logger = logging.getLogger("tp_embed")
@@ -77,6 +79,10 @@ class PreparedEmbedding:
     encoding_format: str
     order: list[int] | None  # sequences[j] is input order[j]; None when in input order
     items: list | None = None  # multimodal items as the model's processor prepared them
+    # chunked inputs (--long-inputs chunk): each input's number of windows and each window's tokens, in input
+    # order (the sequences are the windows); None when every input is one sequence
+    windows: tuple[list[int], list[int]] | None = None
+    output: str = "dense"  # or sparse or colbert (EmbeddingRequest.output)
 
 
 class EmbeddingServer:
@@ -85,6 +91,7 @@ class EmbeddingServer:
         self.media_config = MediaConfig.from_args(args)
         self.metrics = metrics
         self.tracing = OFF  # serve() sets what --otlp-traces-endpoint and --log-requests ask for
+        self.calibration_ranges = None  # serve() loads --embedding-calibration: float32 [2, dim] for /v2/embed
         self.state = "loading"  # -> ready -> draining, or -> failed; changed on the event loop only
         self.exit_code = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +109,7 @@ class EmbeddingServer:
 
     def _build_engine(self) -> Engine:
         engine = Engine(EngineConfig.from_args(self.args))
+        self.check_calibration(engine)
         engine.warmup()
         engine.forward_pooled([[0] * 4])  # the single-sequence attention path too
         self.served_model_name = self.args.served_model_name or engine.model_name
@@ -111,12 +119,26 @@ class EmbeddingServer:
         if engine.device.type == "cuda":
             self.metrics.watch_gpus(min(engine.dist.tp_size, torch.cuda.device_count()))
         self.engine = engine
+        self.unused_token_ids = unused_token_ids(engine.text.tokenizer)  # bge-m3's sparse vectors leave out
         n = self.args.tokenizer_workers
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="tp-embed-tokenizer", initializer=self._init_thread)
         barrier = threading.Barrier(n)  # start every thread now, so no request waits for a tokenizer copy
         for f in [self.pool.submit(barrier.wait) for _ in range(n)]:
             f.result()
         return engine
+
+    def check_calibration(self, engine: Engine) -> None:
+        """--embedding-calibration must fit the vectors this model returns: a wrong file stops the ranks and
+        fails startup (exit 2), rather than every int8 request."""
+        if self.calibration_ranges is None:
+            return
+        try:
+            cohere_embed.check_calibration(self.calibration_ranges, self.args.embedding_calibration, engine.model_name,
+                                           engine.embedding_size if "embed" in engine.tasks else None)
+        except ConfigError:
+            for lane in engine.groups():
+                lane.stop_workers()
+            raise
 
     def _init_thread(self) -> None:
         # transformers' fast tokenizers change their truncation state on each call, which races between
@@ -149,7 +171,7 @@ class EmbeddingServer:
         self.metrics.ready.set(1)
         e = self.engine
         shape = (f"{e.embedding_size} dimensions, pooling {e.pooling or 'its own'}, normalize {e.normalize}"
-                 if "embed" in e.tasks else f"labels {', '.join(e.config.head.labels[:8])}"
+                 if e.config.head is None else f"labels {', '.join(e.config.head.labels[:8])}"
                  + (f" and {len(e.config.head.labels) - 8} more" if len(e.config.head.labels) > 8 else ""))
         logger.info("ready: %s as %r, tp=%d, %s, tasks %s, %s, context length %d, max batch %d tokens / %d inputs, "
                     "max queued tokens %d", e.model_name, self.served_model_name, e.dist.tp_size, e.dtype,
@@ -252,17 +274,21 @@ class EmbeddingServer:
         t0 = time.perf_counter()
         req = parse(body) if parse is not None else parse_json_body(body, EmbeddingRequest)
         self.check_model(req.model)
-        check_task(self.scoring, "embed")
+        output = self.check_output(req)
         check_encoding_format(req.encoding_format)
         engine = self.engine
         try:
             check_dimensions(req.dimensions, engine.embedding_size, engine.matryoshka_dimensions, engine.is_matryoshka)
         except MatryoshkaError as e:
             raise APIError(400, str(e), param="dimensions") from None
-        truncate = req.truncate if req.truncate is not None else self.args.allow_auto_truncate
+        text = self._local.text
+        policy = self.length_policy(req, text.max_length)
         items = parse_items(req.input)
         if items is not None and engine.processor is not None:
-            prepared = self.prepare_items(req, items, truncate)
+            if policy.limit is not None or policy.side != "right":
+                raise APIError(400, "truncate_prompt_tokens and truncation_side apply to text and token-id inputs, "
+                                    "not to items", param="truncate_prompt_tokens")
+            prepared = self.prepare_items(req, items, policy.mode == "truncate")
             # usage and the queue budget count what the batches will hold: text, template and image tokens
             return self.prepared(req, t0, [], engine.prepared_tokens(prepared), items=prepared)
         if items is not None:  # a text-only model takes items that hold text only
@@ -274,44 +300,96 @@ class EmbeddingServer:
         if req.instruction is not None:
             raise APIError(400, "instruction applies to models with a chat template (GME, "
                                 "--chat-template gme-qwen2-vl); use prompt_name for this model", param="instruction")
-        texts, sequences = parse_input(req.input)
-        text = self._local.text
-        try:
-            if texts is not None:
-                try:
-                    prompt = text.prompt(req.prompt_name)
-                except KeyError as e:
-                    raise APIError(400, e.args[0], param="prompt_name") from None
-                sequences = text.encode(texts, truncate, prompt)
-                for i, ids in enumerate(sequences):
-                    if not ids:
-                        raise APIError(400, f"input[{i}] has no tokens after tokenization", param="input")
-            else:
-                if req.prompt_name is not None:
-                    raise APIError(400, "prompt_name applies to text inputs; token-id inputs must already "
-                                        "hold the prompt's tokens", param="prompt_name")
-                check_token_ids(sequences, engine.config.vocab_size, nested=isinstance(req.input[0], list))
-                limit = text.max_length
-                if truncate:
-                    sequences = [ids if len(ids) <= limit else ids[:limit] for ids in sequences]
-                else:
-                    text.check_lengths(sequences)
-        except InputTooLongError as e:
-            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        windows = self.encode_inputs(req, policy, text)
+        sequences = [s for w in windows for s in w]
+        chunks = None
+        if len(sequences) > len(windows):
+            chunks = [len(w) for w in windows], [len(s) for s in sequences]
         num_tokens = sum(map(len, sequences))
         order = None
         if num_tokens > engine.max_batch_tokens:
             # split over several batches: sorted by length, each batch pads its attention less (SDPA)
             order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
             sequences = [sequences[i] for i in order]
-        return self.prepared(req, t0, sequences, num_tokens, order)
+        return self.prepared(req, t0, sequences, num_tokens, order, windows=chunks, output=output)
+
+    def check_output(self, req: EmbeddingRequest) -> str:
+        """The request's `output` (dense, sparse or colbert) once the model gives it and the request's other
+        fields apply to it."""
+        output = req.output or "dense"
+        if output == "dense" and "embed" not in self.engine.tasks and "sparse" in self.engine.tasks:
+            raise APIError(400, f"{self.served_model_name} gives sparse vectors only: ask for them with "
+                                f"\"output\": \"sparse\" (or TEI's POST /embed_sparse)", param="output",
+                           code="task_not_supported")
+        check_task(self.scoring, "embed" if output == "dense" else output)
+        if output == "dense":
+            return output
+        for name in ("dimensions", "normalize", "instruction"):
+            if getattr(req, name) is not None:
+                raise APIError(400, f"{name} applies to dense vectors, not to output {output}", param=name)
+        if output == "sparse" and req.encoding_format != "float":
+            raise APIError(400, "sparse vectors are sent as indices and values: use encoding_format float",
+                           param="encoding_format")
+        if self.engine.processor is not None and parse_items(req.input) is not None:
+            raise APIError(400, f"output {output} takes text or token ids, not items", param="input")
+        return output
+
+    def encode_inputs(self, req: EmbeddingRequest, policy: LengthPolicy, text) -> list[list[list[int]]]:
+        """The request's texts or token ids as the sequences to embed, one or more windows per input."""
+        texts, sequences = parse_input(req.input)
+        try:
+            if texts is not None:
+                try:
+                    prompt = text.prompt(req.prompt_name)
+                except KeyError as e:
+                    raise APIError(400, e.args[0], param="prompt_name") from None
+                windows = text.encode_windows(texts, policy, prompt)
+                for i, ids in enumerate(windows):
+                    if not ids[0]:
+                        raise APIError(400, f"input[{i}] has no tokens after tokenization", param="input")
+                return windows
+            if req.prompt_name is not None:
+                raise APIError(400, "prompt_name applies to text inputs; token-id inputs must already "
+                                    "hold the prompt's tokens", param="prompt_name")
+            check_token_ids(sequences, self.engine.config.vocab_size, nested=isinstance(req.input[0], list))
+            return text.fit_token_ids(sequences, policy)
+        except InputTooLongError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        except ValueError as e:  # a limit that leaves no room for the text
+            raise APIError(400, str(e), param="input") from None
 
     def prepared(self, req: EmbeddingRequest, t0: float, sequences: list, num_tokens: int,
-                 order: list[int] | None = None, items: list | None = None) -> PreparedEmbedding:
+                 order: list[int] | None = None, items: list | None = None,
+                 windows: tuple | None = None, output: str = "dense") -> PreparedEmbedding:
         """A request's PreparedEmbedding, its preparation since t0 observed as its tokenize time."""
         self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         normalize = req.normalize if req.normalize is not None else self.engine.normalize
-        return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order, items)
+        return PreparedEmbedding(sequences, num_tokens, req.dimensions, normalize, req.encoding_format, order, items,
+                                 windows, output)
+
+    def length_policy(self, req: EmbeddingRequest, context_length: int) -> LengthPolicy:
+        """What this request does with a long input: --long-inputs, unless it says otherwise with `truncate`
+        (true: truncate, false: refuse), `long_inputs`, or `truncate_prompt_tokens` (truncate to N tokens;
+        with `truncate: false`, refuse more than N)."""
+        if req.truncate is not None and req.long_inputs is not None:
+            raise APIError(400, "give truncate or long_inputs, not both", param="long_inputs")
+        mode = req.long_inputs or self.args.long_inputs
+        if req.truncate is not None:
+            mode = "truncate" if req.truncate else "error"
+        limit, n = None, req.truncate_prompt_tokens
+        if n is not None:
+            if mode == "chunk" and req.long_inputs is not None:
+                raise APIError(400, "truncate_prompt_tokens truncates; it does not go with long_inputs chunk",
+                               param="truncate_prompt_tokens")
+            if n != -1 and not 1 <= n <= context_length:
+                raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or between 1 and "
+                                    f"{context_length}, got {n}", param="truncate_prompt_tokens")
+            limit = None if n == -1 else n
+            mode = "error" if req.truncate is False else "truncate"
+        if mode == "chunk" and self.engine.pooling is None:
+            raise APIError(400, f"long_inputs chunk combines pooled vectors; {self.served_model_name} pools its own "
+                                f"outputs", param="long_inputs")
+        return LengthPolicy(mode, limit, req.truncation_side or "right", self.args.max_input_tokens)
 
     def prepare_items(self, req: EmbeddingRequest, items: list, truncate: bool) -> list:
         """Tokenizer pool: fetch and decode every image, then the model's processor tokenizes, renders
@@ -403,14 +481,21 @@ class EmbeddingServer:
         if prepared.items is not None:
             job = Job([], prepared.num_tokens, loop.create_future(), prepared.items)
         else:
-            job = Job(prepared.sequences, prepared.num_tokens, loop.create_future())
+            head = OUTPUTS.get(prepared.output, POOLED)
+            if self.engine.token_heads is None or head not in self.engine.token_heads.linears:
+                head = POOLED  # a SPLADE model's sparse vectors are its pooled rows
+            job = Job(prepared.sequences, prepared.num_tokens, loop.create_future(), output=head)
         trace.note(len(prepared.items if prepared.items is not None else prepared.sequences), prepared.num_tokens)
         if not await self.run_job(job, request, deadline):
             return None
+        if prepared.output != "dense":  # rendered from these (token_results) in the tokenizer pool
+            return self.in_input_order(job.outputs, prepared), prepared
         outputs = job.outputs
         if prepared.order is not None:
             outputs = torch.empty_like(outputs)
             outputs[prepared.order] = job.outputs
+        if prepared.windows is not None:
+            outputs = combine_windows(outputs, *prepared.windows, self.engine.pooling)
         return truncate_and_normalize(outputs, prepared.dimensions, prepared.normalize).numpy(), prepared
 
     async def serve_embeddings(self, request: Request, render, parse=None) -> Response:
@@ -422,16 +507,72 @@ class EmbeddingServer:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         vectors, prepared = done
         with request_trace(request).stage("render"):
-            if vectors.size > INLINE_RENDER_FLOATS:
+            if prepared.output != "dense" or vectors.size > INLINE_RENDER_FLOATS:
                 content = await self.loop.run_in_executor(self.pool, render, vectors, prepared)
             else:
                 content = render(vectors, prepared)
         self.observe_request(start, len(vectors), prepared.num_tokens)
         return Response(content, media_type="application/json")
 
+    @staticmethod
+    def in_input_order(outputs, prepared: PreparedEmbedding) -> tuple[list, list]:
+        """A job's per-sequence outputs (a tensor's rows or a token head's list) and its sequences, in input
+        order."""
+        rows, sequences = list(outputs), prepared.sequences
+        if prepared.order is None:
+            return rows, sequences
+        ordered_rows, ordered_sequences = [None] * len(rows), [None] * len(rows)
+        for j, i in enumerate(prepared.order):
+            ordered_rows[i], ordered_sequences[i] = rows[j], sequences[j]
+        return ordered_rows, ordered_sequences
+
+    def token_results(self, outputs: tuple[list, list], prepared: PreparedEmbedding) -> list:
+        """Per input, in order: sparse (indices, values) or ColBERT float32 [tokens, dim], from the outputs of its
+        sequences (several when it was chunked: the sparse weights of every window's tokens, the ColBERT vectors
+        of each window after its first token, one window after another)."""
+        rows, sequences = outputs
+        counts = prepared.windows[0] if prepared.windows is not None else [1] * len(rows)
+        results, j = [], 0
+        for count in counts:
+            seqs, outs = sequences[j:j + count], rows[j:j + count]
+            j += count
+            if not all(torch.isfinite(o).all() for o in outs):
+                raise non_finite_error()
+            if prepared.output == "colbert":
+                results.append(torch.cat([o[1:] for o in outs]).numpy())
+            elif outs[0].dim() == 1:  # a SPLADE model's vocabulary-sized row (never chunked: it pools itself)
+                results.append(dense_sparse(outs[0].numpy()))
+            else:
+                results.append(lexical_weights([t for s in seqs for t in s], torch.cat(outs).numpy(),
+                                               self.unused_token_ids))
+        return results
+
     async def create_embeddings(self, request: Request):
-        return await self.serve_embeddings(request, lambda vectors, prepared: render_embeddings(
-            vectors, prepared.encoding_format, self.served_model_name, prepared.num_tokens))
+        def render(vectors, prepared: PreparedEmbedding) -> bytes:
+            if prepared.output == "dense":
+                return render_embeddings(vectors, prepared.encoding_format, self.served_model_name,
+                                         prepared.num_tokens)
+            return render_outputs(self.token_results(vectors, prepared), prepared.output, prepared.encoding_format,
+                                  self.served_model_name, prepared.num_tokens)
+
+        return await self.serve_embeddings(request, render)
+
+    async def tei_root(self, request: Request):
+        """TEI's POST /, by the model's task: /embed_sparse for a model that gives sparse vectors only, else /embed
+        (which answers a model that does not embed with the tasks it serves)."""
+        if self.state == "ready" and "sparse" in self.engine.tasks and "embed" not in self.engine.tasks:
+            return await self.tei_embed_sparse(request)
+        return await self.tei_embed(request)
+
+    async def tei_embed_sparse(self, request: Request):
+        """text-embeddings-inference's POST /embed_sparse: [[{"index", "value"}]] for a SPLADE model or bge-m3's
+        sparse head; its error shape."""
+        try:
+            return await self.serve_embeddings(
+                request, lambda outputs, prepared: tei.render_sparse(self.token_results(outputs, prepared)),
+                tei.parse_embed_sparse_request)
+        except APIError as error:
+            return error_response(error, self.metrics, request, tei.error_body(error))
 
     async def tei_embed(self, request: Request):
         """text-embeddings-inference's POST /embed (and POST /, which TEI dispatches by the model's task:
@@ -443,7 +584,8 @@ class EmbeddingServer:
             return error_response(error, self.metrics, request, tei.error_body(error))
 
     async def cohere_v2_embed(self, request: Request):
-        """Cohere's POST /v2/embed (tp_embed/cohere_embed.py): float, int8, uint8, binary, ubinary, base64."""
+        """Cohere's POST /v2/embed (tp_embed/cohere_embed.py): float, int8, uint8, binary, ubinary, base64
+        (int8 and uint8 calibrated by --embedding-calibration when given)."""
         asked = {}
 
         def parse(body: bytes) -> EmbeddingRequest:
@@ -451,7 +593,7 @@ class EmbeddingServer:
             return embed
 
         return await self.serve_embeddings(request, lambda vectors, prepared: cohere_embed.render(
-            vectors, asked["request"], prepared.num_tokens), parse)
+            vectors, asked["request"], prepared.num_tokens, self.calibration_ranges), parse)
 
     async def tei_info(self, request: Request):
         """text-embeddings-inference's GET /info."""
@@ -502,6 +644,25 @@ class EmbeddingServer:
     async def rerank(self, request: Request):
         return await self.run_task(request, prepare_rerank)
 
+    async def rerank_or_tei_rerank(self, request: Request):
+        """POST /rerank: text-embeddings-inference's shape and errors for its body ("texts": tei.is_rerank_body,
+        tei.prepare_rerank), else /v1/rerank's. An error before the body is read (401, 413, 503) takes
+        /v1/rerank's shape."""
+        shape = {}
+
+        def prepare(body: bytes, *args):
+            if not tei.is_rerank_body(body):
+                return prepare_rerank(body, *args)
+            shape["tei"] = True
+            return tei.prepare_rerank(body, *args)
+
+        try:
+            return await self.run_task(request, prepare)
+        except APIError as error:
+            if "tei" not in shape:
+                raise
+            return error_response(error, self.metrics, request, tei.error_body(error))
+
     async def score(self, request: Request):
         return await self.run_task(request, prepare_score)
 
@@ -524,13 +685,32 @@ class EmbeddingServer:
                 "max_model_len": text.max_length}
 
     async def tokenize(self, request: Request):
+        """POST /tokenize: SGLang's shape ({"prompt"}), or text-embeddings-inference's for its body ("inputs":
+        tei.is_tokenize_body, tei.tokenize), in its errors too. An error before the body is read (401, 413, 503)
+        takes SGLang's shape."""
         self.authorize(request)
         self.check_ready()
         body = await self.read_body(request)
         trace = request_trace(request)
-        with trace.stage("tokenize"):
-            result = await self.loop.run_in_executor(self.pool, self.prepare_tokenize, body)
-        counts = result["count"] if isinstance(result["count"], list) else [result["count"]]
+        shape = {}
+
+        def prepare():
+            if not tei.is_tokenize_body(body):
+                return self.prepare_tokenize(body)
+            shape["tei"] = True
+            return tei.tokenize(body, self._local.text)
+
+        try:
+            with trace.stage("tokenize"):
+                result = await self.loop.run_in_executor(self.pool, prepare)
+        except APIError as error:
+            if "tei" not in shape:
+                raise
+            return error_response(error, self.metrics, request, tei.error_body(error))
+        if "tei" in shape:
+            counts = [len(tokens) for tokens in result]
+        else:
+            counts = result["count"] if isinstance(result["count"], list) else [result["count"]]
         trace.note(len(counts), sum(counts))
         with trace.stage("render"):
             return json_response(result)
@@ -615,14 +795,16 @@ def build_app(server: EmbeddingServer) -> FastAPI:
     app.add_api_route("/v1/embeddings", server.create_embeddings, methods=["POST"])
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", server.retrieve_model, methods=["GET"])
-    for path, route in (("/v1/rerank", server.rerank), ("/rerank", server.rerank), ("/v2/rerank", server.rerank),
+    for path, route in (("/v1/rerank", server.rerank), ("/rerank", server.rerank_or_tei_rerank),
+                        ("/v2/rerank", server.rerank),
                         ("/v1/score", server.score), ("/score", server.score),
                         ("/v1/classify", server.classify), ("/classify", server.classify)):
         app.add_api_route(path, route, methods=["POST"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/v2/embed", server.cohere_v2_embed, methods=["POST"])
-    for path in ("/embed", "/"):  # text-embeddings-inference's (tp_embed/tei.py)
-        app.add_api_route(path, server.tei_embed, methods=["POST"])
+    app.add_api_route("/embed", server.tei_embed, methods=["POST"])  # text-embeddings-inference's (tp_embed/tei.py)
+    app.add_api_route("/", server.tei_root, methods=["POST"])
+    app.add_api_route("/embed_sparse", server.tei_embed_sparse, methods=["POST"])
     app.add_api_route("/info", server.tei_info, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
@@ -673,6 +855,11 @@ def serve(args) -> int:
     engine thread, serve until a signal or an engine failure. Returns the exit status."""
     metrics = Metrics()
     server = EmbeddingServer(args, metrics)
+    try:  # read once, here on rank 0; its size is checked against the model's when the engine is built
+        server.calibration_ranges = cohere_embed.load_calibration(args.embedding_calibration)
+    except ConfigError as e:
+        logger.error("%s", e)
+        return 2
     try:
         server.tracing = start_tracing(args.otlp_traces_endpoint, args.log_requests)
     except TracingError as e:

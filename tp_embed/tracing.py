@@ -31,7 +31,7 @@ logger = logging.getLogger("tp_embed")
 
 # the routes that get a span and a log line (health checks, metrics scrapes and /v1/models get neither)
 API_ROUTES = frozenset(("/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/score", "/score",
-                        "/v1/classify", "/classify", "/tokenize", "/embed", "/", "/v2/embed"))
+                        "/v1/classify", "/classify", "/tokenize", "/embed", "/", "/v2/embed", "/embed_sparse"))
 SCOPE_KEY = "tp_embed.trace"
 SERVICE_NAME = "tp-embed"
 INSTALL_HINT = ('pip install "tp-embed[otel]" (or: pip install opentelemetry-sdk '

@@ -270,11 +270,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        vocab = loaded_shape(loaded)[0]
-        rows = max(0, min(self.rows_per_partition, vocab - self.vocab_start))
-        param.data.zero_()  # padded rows past the real vocabulary stay zero
-        if rows:
-            param.data[:rows].copy_(read_rows(loaded, self.vocab_start, rows))
+        load_vocab_rows(param, loaded, self.vocab_start)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -284,3 +280,30 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return all_reduce(out)
+
+
+def load_vocab_rows(param: nn.Parameter, loaded, vocab_start: int) -> None:
+    """This rank's rows [vocab_start, vocab_start + len(param)) of a vocabulary-sized checkpoint tensor; rows
+    past the real vocabulary (the padding to a multiple of tp) are zero."""
+    rows = max(0, min(param.shape[0], loaded_shape(loaded)[0] - vocab_start))
+    param.data.zero_()
+    if rows:
+        param.data[:rows].copy_(read_rows(loaded, vocab_start, rows))
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """Logits Y = X E^T + b over the vocabulary padded to a multiple of p, split by rows as
+    VocabParallelEmbedding splits it: rank i holds rows [i*V/p, (i+1)*V/p) of E (its own, or the embedding
+    table it is tied to) and of b, and computes those columns of Y; padded rows are zero. No communication:
+    the caller reduces its columns and gathers them."""
+
+    def __init__(self, input_size: int, num_embeddings_padded: int, bias: bool):
+        super().__init__(input_size, num_embeddings_padded, bias)
+        self.vocab_start = self.tp_rank * self.output_size_per_partition
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        load_vocab_rows(param, loaded, self.vocab_start)
+
+    def quantize_fp8(self) -> None:
+        """--quantization fp8 leaves the vocabulary in the model's dtype, as vLLM leaves lm_head (the padded
+        vocabulary is seldom a multiple of the FP8 matmul's 16)."""

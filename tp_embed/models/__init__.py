@@ -9,28 +9,35 @@ import os
 import torch
 from torch import nn
 
-from tp_embed.config import EngineConfig, ModelConfig, read_hf_config
+from tp_embed.config import EngineConfig, ModelConfig, read_hf_config, read_splade_pooling
 from tp_embed.errors import ConfigError
-from tp_embed.models import bert, clip, decoder, gemma, modernbert, mpnet, qwen2_vl
+from tp_embed.models import bert, clip, decoder, gemma, modernbert, mpnet, qwen2_vl, splade
 from tp_embed.models.spec import FAMILY_FLAGS, ModelSpec
 
 SPECS = (decoder.SPEC, bert.SPEC, qwen2_vl.SPEC, clip.SPEC, decoder.CLASSIFIER_SPEC, bert.BERT_CLASSIFIER_SPEC,
          bert.XLMR_CLASSIFIER_SPEC, mpnet.SPEC, modernbert.SPEC, gemma.GEMMA2_SPEC, gemma.GEMMA3_SPEC)
 ARCHITECTURES = {arch: spec for spec in SPECS for arch in spec.architectures}
+# SPLADE checkpoints share their architectures with dense encoders (BertForMaskedLM): a SpladePooling module
+# in modules.json, not the architecture, picks these
+SPARSE_ARCHITECTURES = {arch: splade.SPEC for arch in splade.SPEC.architectures}
 
 
 def load_config(model_path: str, tp_size: int = 1, trust_remote_code: bool = False, overrides: dict | None = None,
                 name: str | None = None) -> tuple[ModelSpec, ModelConfig]:
-    """The spec of the model in `model_path` (by config.json's architectures) and its ModelConfig at this
-    tp. Raises ConfigError for an unsupported architecture or a tp that does not fit."""
+    """The spec of the model in `model_path` (by config.json's architectures, among the SPLADE ones where
+    modules.json has a SpladePooling module) and its ModelConfig at this tp. Raises ConfigError for an
+    unsupported architecture or a tp that does not fit."""
     name = name or os.path.basename(os.path.normpath(model_path))
     hf, raw = read_hf_config(model_path, trust_remote_code, overrides)
     archs = list(getattr(hf, "architectures", None) or raw.get("architectures") or [])
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    sparse = read_splade_pooling(model_path) is not None
+    table = SPARSE_ARCHITECTURES if sparse else ARCHITECTURES
+    arch = next((a for a in archs if a in table), None)
     if arch is None:
-        raise ConfigError(f"{name}: unsupported architecture {archs or '(none in config.json)'}; "
-                          f"supported: {', '.join(ARCHITECTURES)}")
-    spec = ARCHITECTURES[arch]
+        what = ("a SPLADE model (modules.json has a SpladePooling module) of architecture" if sparse
+                else "unsupported architecture")
+        raise ConfigError(f"{name}: {what} {archs or '(none in config.json)'}; supported: {', '.join(table)}")
+    spec = table[arch]
     return spec, spec.build_config(hf, raw, tp_size, name, model_path)
 
 

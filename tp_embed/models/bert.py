@@ -36,16 +36,19 @@ class BertEmbeddings(nn.Module):
         self.position_offset = cfg.position_offset
         self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size_padded, cfg.hidden_size)
         self.position_embeddings = ReplicatedEmbedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = ReplicatedEmbedding(cfg.type_vocab_size, cfg.hidden_size)
+        # DistilBERT has no token types (type_vocab_size 0)
+        self.token_type_embeddings = (ReplicatedEmbedding(cfg.type_vocab_size, cfg.hidden_size)
+                                      if cfg.type_vocab_size else None)
         self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.word_embeddings(batch.input_ids)
         x = x + self.position_embeddings(batch.positions + self.position_offset)
-        if batch.token_type_ids is None:
-            x = x + self.token_type_embeddings.weight[0]  # single-segment inputs: every token has type 0
-        else:
-            x = x + self.token_type_embeddings(batch.token_type_ids)  # cross-encoders' (query, document) pairs
+        types = self.token_type_embeddings
+        if types is not None and batch.token_type_ids is None:
+            x = x + types.weight[0]  # single-segment inputs: every token has type 0
+        elif types is not None:
+            x = x + types(batch.token_type_ids)  # cross-encoders' (query, document) pairs
         return self.LayerNorm(x)
 
 

@@ -94,7 +94,8 @@ class ModelSpec:
 
     build_config(hf, raw, tp_size, name, model_dir) -> ModelConfig: hf is transformers' config, raw
         config.json's dict (overrides applied to both); raises ConfigError for a tp that does not fit. The
-        config's `head` (None for an embedder) says what the model serves (ModelConfig.tasks).
+        config's `head` (None for an embedder) and `splade` (a SPLADE model's pooling) say what the model
+        serves (ModelConfig.tasks).
     model_class(config): the nn.Module; forward(batch, attention_backend) returns hidden states
         [num_tokens, hidden], or one vector per input when default_pooling is None (the model pools itself).
     flags: the FAMILY_FLAGS it takes; flag_notes: why a flag it does not take does not apply, where
