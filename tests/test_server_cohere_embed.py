@@ -71,8 +71,12 @@ def test_inputs_and_output_dimension(minilm):
     ({"texts": ["x"], "max_tokens": 0}, "max_tokens"),
     ({"texts": ["x"], "embedding_types": ["int4"]}, "embedding_types.0"),
     ({"texts": ["x"], "images": ["data:image/png;base64,AA=="]}, "texts"),
-    ({"images": ["data:image/png;base64,AA=="]}, "images"),
-    ({"inputs": [{"content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "inputs[0]"),
+    ({"images": ["data:image/png;base64,AA=="]}, "input"),  # all-MiniLM-L6-v2 embeds text only
+    ({"inputs": [{"content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "input"),
+    ({"inputs": [{"content": [{"type": "image_url", "image_url": {"url": "x"}},
+                              {"type": "image_url", "image_url": {"url": "y"}}]}]}, "inputs[0]"),
+    ({"inputs": [{"content": [{"type": "audio", "audio": "x"}]}]}, "inputs[0]"),
+    ({"images": ["data:image/png;base64,AA=="], "max_tokens": 5}, "max_tokens"),
     ({"texts": [" ".join(["word"] * 600)], "truncate": "NONE"}, "input"),
     ({"texts": ["x"], "input_type": "search"}, "input_type"),
 ])

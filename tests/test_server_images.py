@@ -67,6 +67,29 @@ def test_clip_texts_and_images_in_one_request(clip_server):
     assert r.json()["usage"]["prompt_tokens"] == text_tokens + 3 * per_image
 
 
+def test_cohere_v2_embed_images_with_the_cohere_client(clip_server):
+    """Cohere's images and image_url inputs become items: the same vectors /v1/embeddings gives them."""
+    import cohere
+
+    server, model, media, images = clip_server
+    uris = [data_uri(images["wide"]), data_uri(images["gray"])]
+    expected = response_vectors(server.post("/v1/embeddings", json={"input": [{"image": u} for u in uris]}).json())
+    name = server.get("/v1/models").json()["data"][0]["id"]
+    client = cohere.ClientV2(base_url=server.url, api_key="unused")
+    response = client.embed(model=name, images=uris, input_type="image", embedding_types=["float", "binary"])
+    assert np.abs(np.array(response.embeddings.float_) - expected).max() < 1e-6
+    binary = np.packbits(expected > 0, axis=-1).astype(np.int16) - 128
+    assert np.array_equal(np.array(response.embeddings.binary), binary)
+    inputs = [{"content": [{"type": "image_url", "image_url": {"url": uris[1]}}]},
+              {"content": [{"type": "text", "text": "a photo"}, {"type": "text", "text": "of a cat"}]}]
+    r = server.post("/v2/embed", json={"inputs": inputs, "input_type": "search_document"})
+    assert r.status_code == 200, r.text
+    text = response_vectors(server.post("/v1/embeddings", json={"input": ["a photo of a cat"]}).json())
+    got = np.array(r.json()["embeddings"]["float"])
+    assert np.abs(got - np.concatenate([expected[1:], text])).max() < 1e-6
+    assert r.json()["texts"] == ["a photo of a cat"]
+
+
 @pytest.mark.parametrize("image,message", [
     ("http://127.0.0.1:1/x.png", "input[1].image"),
     ("http://10.0.0.1/x.png", "input[1].image"),

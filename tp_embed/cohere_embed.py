@@ -1,7 +1,8 @@
 """Cohere's embed API, POST /v2/embed, on the same engine, with its compact vector types, so that the
 `cohere` client (`ClientV2(base_url=...).embed(...)`) works unchanged.
 
-Request: {"model", "texts": [...] or "inputs": [{"content": [{"type": "text", "text"}]}], "input_type",
+Request: {"model", "texts": [...] or "images": [data URI or URL, ...] or "inputs": [{"content": [{"type": "text",
+"text"}, {"type": "image_url", "image_url": {"url"}}]}] (images for a model that embeds them), "input_type",
 "embedding_types": ["float", "int8", "uint8", "binary", "ubinary", "base64"] (default ["float"]),
 "truncate": "NONE" (refuse a long input) | "END" (keep its beginning) | "START" (keep its end), "max_tokens"
 (at most this many tokens an input, truncated as `truncate` says; default the context length),
@@ -66,39 +67,69 @@ def prompt_for(input_type: str | None, prompts: dict) -> str | None:
     return None
 
 
-def texts_of(req: CohereEmbedRequest) -> list[str]:
-    """The request's texts: `texts`, or the text parts of `inputs` (one text per input)."""
+def inputs_of(req: CohereEmbedRequest) -> tuple[list, list[str]]:
+    """The request's inputs as /v1/embeddings takes them, and its texts for the response: `texts` as they are;
+    `images` as {"image"} items; `inputs` as their texts (text parts joined by spaces), or as {"text", "image"}
+    items when one of them holds an image (an `image_url` part, at most one an input)."""
     given = [name for name in ("texts", "images", "inputs") if getattr(req, name) is not None]
     if len(given) != 1:
         raise APIError(400, "give exactly one of texts, images and inputs", param="texts")
-    if req.images is not None:
-        raise APIError(400, "images are not supported by /v2/embed; send texts", param="images")
     if req.texts is not None:
         check_num_inputs(req.texts, "texts")
-        return req.texts
+        return req.texts, req.texts
+    if req.images is not None:
+        check_num_inputs(req.images, "images")
+        return [{"image": image} for image in req.images], []
     check_num_inputs(req.inputs, "inputs")
-    texts = []
-    for i, item in enumerate(req.inputs):
-        parts = item.get("content") if isinstance(item, dict) else None
-        if not isinstance(parts, list) or not parts or not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-            raise APIError(400, f"inputs[{i}] must be {{\"content\": [{{\"type\": \"text\", \"text\": ...}}]}} (text "
-                                f"only)", param=f"inputs[{i}]")
-        texts.append(" ".join(p["text"] for p in parts))
-    return texts
+    items = [content_of(i, item) for i, item in enumerate(req.inputs)]
+    texts = [text for text, _ in items if text is not None]
+    if all(image is None for _, image in items):
+        return texts, texts
+    return [{k: v for k, v in (("text", text), ("image", image)) if v is not None} for text, image in items], texts
+
+
+def content_of(i: int, item) -> tuple[str | None, str | None]:
+    """One of `inputs`' {"content": [{"type": "text", "text"} | {"type": "image_url", "image_url": {"url"}}]}
+    as (its text parts joined, or None; its image, or None)."""
+    shape = ('{"content": [{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}, '
+             '...]}')
+    parts = item.get("content") if isinstance(item, dict) else None
+    if not isinstance(parts, list) or not parts:
+        raise APIError(400, f"inputs[{i}] must be {shape}", param=f"inputs[{i}]")
+    texts, images = [], []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            continue
+        url = part.get("image_url") if kind == "image_url" else None
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise APIError(400, f"inputs[{i}] must be {shape}", param=f"inputs[{i}]")
+        images.append(url)
+    if len(images) > 1:
+        raise APIError(400, f"inputs[{i}] has {len(images)} images; one input embeds at most one",
+                       param=f"inputs[{i}]")
+    return (" ".join(texts) if texts else None), (images[0] if images else None)
 
 
 def parse_request(body: bytes, prompts: dict) -> tuple[EmbeddingRequest, CohereEmbedRequest]:
     """A /v2/embed body as the EmbeddingRequest it asks for, and the Cohere request (for the response);
-    APIError (400) for a bad one."""
+    APIError (400) for a bad one. Items (an image among the inputs) take no prompt: input_type then names
+    none."""
     req = parse_json_body(body, CohereEmbedRequest)
-    texts = texts_of(req)
+    inputs, _ = inputs_of(req)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}", param="max_tokens")
-    embed = EmbeddingRequest(input=texts, model=req.model, dimensions=req.output_dimension,
-                             truncate=req.truncate != "NONE", truncate_prompt_tokens=req.max_tokens,
-                             truncation_side="left" if req.truncate == "START" else "right",
-                             prompt_name=prompt_for(req.input_type, prompts))
+    items = bool(inputs) and isinstance(inputs[0], dict)
+    if items and req.max_tokens is not None:
+        raise APIError(400, "max_tokens applies to text inputs; inputs with images are cut as the model's processor "
+                            "cuts them", param="max_tokens")
+    embed = EmbeddingRequest(input=inputs, model=req.model, dimensions=req.output_dimension,
+                             truncate=req.truncate != "NONE",
+                             truncate_prompt_tokens=None if items else req.max_tokens,
+                             truncation_side=None if items else "left" if req.truncate == "START" else "right",
+                             prompt_name=None if items else prompt_for(req.input_type, prompts))
     return embed, req
 
 
@@ -186,5 +217,6 @@ def render(vectors: np.ndarray, req: CohereEmbedRequest, num_tokens: int, ranges
     return json.dumps({
         "id": str(uuid.uuid4()),
         "embeddings": {kind: quantize(vectors, kind, ranges) for kind in dict.fromkeys(types)},
-        "texts": texts_of(req), "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": num_tokens}},
+        "texts": inputs_of(req)[1],
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": num_tokens}},
         "response_type": "embeddings_by_type"}, separators=(",", ":")).encode()
