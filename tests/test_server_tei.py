@@ -23,6 +23,9 @@ def test_huggingface_hub_feature_extraction(minilm, monkeypatch):
     assert cosine_rows(got.reshape(1, -1).astype(np.float32), expected).min() >= 0.99999
     short = client.feature_extraction(TEXTS[0], dimensions=64, normalize=True)  # nested in "parameters"
     assert short.shape[-1] == 64 and abs(np.linalg.norm(short) - 1) < 1e-5
+    # base_url= (the spelling, an alias of model= for a URL): the same route and vector
+    by_base_url = InferenceClient(base_url=minilm.url).feature_extraction(TEXTS[0])
+    assert np.array_equal(by_base_url, got)
 
 
 @pytest.mark.parametrize("path", ["/embed", "/"])
