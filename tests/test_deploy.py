@@ -262,7 +262,7 @@ def dockerfile_pip_installs() -> list[tuple[str, ...]]:
 def test_dockerfile_installs_as_the_readme():
     readme = readme_pip_installs()
     torch = sorted({c for c in readme if any(w.startswith("torch==") for w in c)})
-    gpu = sorted({c for c in readme if any("[gpu]" in w for w in c)})
+    gpu = sorted({c for c in readme if any(w.startswith(".[gpu") for w in c)})
     assert len(torch) == 1, f"README.md should pin torch one way, found {torch}"
     assert len(gpu) == 1, f"README.md should install the gpu extra one way, found {gpu}"
     # torch first (pinned as the README pins it), then the project with the gpu extra, and nothing else
