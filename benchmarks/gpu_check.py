@@ -15,6 +15,10 @@ Steps, each recorded even when a later one fails:
      tests/test_mpnet.py, test_modernbert.py and test_gemma.py hold to sentence-transformers)
   4c. --quantization fp8 against bf16 on the e5-mistral-7b shape: tokens/s at 512-token inputs and the
      per-vector cosine, and tests/test_fp8.py's torch._scaled_mm test
+  4d. --fused-ops auto (FlashInfer's RMSNorm, residual add + RMSNorm and gated activations) against off on
+     the same shape, and tests/test_fused_ops.py's GPU tests
+  4e. BERT base's shape over HTTP (bench_serving.py on the same host): requests/s and p50 at concurrency 1
+     and 64, one ~32-token input a request, base64 answers
   5. the batch budget: the startup profiling pass caps an oversized --max-batch-tokens to free memory,
      and a batch of the capped size runs
 It writes gpu_check.json and gpu_check.md to --out.
@@ -248,9 +252,11 @@ def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: i
             "batch_tokens": batch_tokens, "mixed_lens": mixed_lens}
 
 
-def step_fp8(work: str, batch_tokens: int, warmup: int, iters: int, seq_len: int = 512) -> dict:
-    """--quantization fp8 against bf16 on e5-mistral-7b's shape (random weights): tokens/s at seq_len-token
-    inputs, and the per-vector cosine of the two on the same inputs; plus tests/test_fp8.py's GPU test."""
+def step_variants(work: str, variants: dict, test_file: str, batch_tokens: int, warmup: int, iters: int,
+                  seq_len: int = 512) -> dict:
+    """Engines that differ by flags (variants: name -> extra flags; the first is the baseline) on e5-mistral-7b's
+    shape (random bf16 weights): tokens/s at seq_len-token inputs and each one's per-vector cosine to the
+    baseline on the same inputs; plus `test_file`'s GPU-marked tests."""
     import numpy as np
 
     from tp_embed.args import add_engine_args, parse_with_config
@@ -261,7 +267,7 @@ def step_fp8(work: str, batch_tokens: int, warmup: int, iters: int, seq_len: int
     gen = torch.Generator().manual_seed(2)
     seqs = torch.randint(0, 32000, (max(1, batch_tokens // seq_len), seq_len), generator=gen).tolist()
     result, vectors = {}, {}
-    for name, extra in (("bf16", []), ("fp8", ["--quantization", "fp8"])):
+    for name, extra in variants.items():
         p = argparse.ArgumentParser()
         add_engine_args(p)
         args = parse_with_config(p, ["--model-path", shape_dir, "--load-format", "dummy", "--dtype", "bfloat16",
@@ -274,13 +280,52 @@ def step_fp8(work: str, batch_tokens: int, warmup: int, iters: int, seq_len: int
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    a, b = vectors["bf16"], vectors["fp8"]
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    result.update(speedup=result["fp8_tokens_per_s"] / result["bf16_tokens_per_s"], min_cosine=float(cos.min()),
-                  median_cosine=float(np.median(cos)))
+    base, *others = variants
+    a = vectors[base]
+    for name in others:
+        b = vectors[name]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        result.update({f"{name}_speedup": result[f"{name}_tokens_per_s"] / result[f"{base}_tokens_per_s"],
+                       f"{name}_min_cosine": float(cos.min()), f"{name}_median_cosine": float(np.median(cos))})
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           os.path.join(ROOT, "tests", "test_fp8.py")], capture_output=True, text=True, cwd=ROOT)
+                           os.path.join(ROOT, "tests", test_file)], capture_output=True, text=True, cwd=ROOT)
     result["tests"] = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    return result
+
+
+def step_http_small(work: str, tokenizer_dir: str | None, num_requests: int = 4000, device: str = "cuda") -> dict:
+    """#22's small-model line: BERT base's shape (bge-base-en-v1.5, random bf16 weights) served on this GPU,
+    bench_serving.py on the same host sending one ~32-token input a request with base64 answers, at
+    concurrency 1 and 64. `tokenizer_dir`: a real WordPiece tokenizer to copy in (all-MiniLM-L6-v2's: the
+    device has no hub); else the word-level benchmark tokenizer."""
+    import shutil
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from server_utils import ServerProcess
+    from shapes import write_shape
+
+    shape = write_shape(os.path.join(work, "bge-base-shape"), "bge-base-en-v1.5")
+    if tokenizer_dir:
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith(("tokenizer", "special_tokens", "vocab")):
+                shutil.copy(os.path.join(tokenizer_dir, name), shape)
+    words = "24" if tokenizer_dir else "30"  # about 32 tokens with [CLS] and [SEP] either way
+    result = {"tokenizer": "all-MiniLM-L6-v2's" if tokenizer_dir else "word-level"}
+    args = ["--model-path", shape, "--load-format", "dummy", "--device", device]
+    with ServerProcess(args, nproc=1, log_path=os.path.join(work, "http_small.log")) as server:
+        out = os.path.join(work, "http_small.json")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_serving.py"), "--base-url",
+                               server.url, "--inputs-per-request", "1", "--concurrency", "1,64", "--num-requests",
+                               str(num_requests), "--synthetic-min-words", words, "--synthetic-max-words", words,
+                               "--encoding-format", "base64", "--no-progress", "--output-json", out],
+                              capture_output=True, text=True, cwd=ROOT)
+        result["bench_output"] = proc.stdout[-2000:] + proc.stderr[-1000:]
+        if proc.returncode == 0:
+            with open(out) as f:
+                points = json.load(f)["points"]
+            result["points"] = [{k: p[k] for k in ("concurrency", "requests_per_s", "latency_p50_ms",
+                                                   "latency_p99_ms", "num_errors", "client_cpu_percent")}
+                                for p in points]
     return result
 
 
@@ -344,11 +389,19 @@ def markdown(result: dict) -> str:
             mfu = f"{100 * ours['mfu']:.1f}%" if "mfu" in ours else "n/a"
             lines.append(f"| {ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {mfu} | "
                          f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
-    fp8 = result.get("fp8")
-    if fp8:
-        lines += ["", f"FP8 on the e5-mistral-7b shape, 512-token inputs: {fp8['fp8_tokens_per_s']:,.0f} tokens/s "
-                      f"vs bf16 {fp8['bf16_tokens_per_s']:,.0f} ({fp8['speedup']:.2f}x); cosine to bf16 min "
-                      f"{fp8['min_cosine']:.5f}, median {fp8['median_cosine']:.5f}; tests: {fp8['tests']}"]
+    for key, what, base, new in (("fp8", "FP8", "bf16", "fp8"), ("fused", "Fused ops", "unfused", "fused")):
+        r = result.get(key)
+        if r:
+            lines += ["", f"{what} on the e5-mistral-7b shape, 512-token inputs: {r[f'{new}_tokens_per_s']:,.0f} "
+                          f"tokens/s vs {base} {r[f'{base}_tokens_per_s']:,.0f} ({r[f'{new}_speedup']:.2f}x); cosine "
+                          f"to {base} min {r[f'{new}_min_cosine']:.5f}, median {r[f'{new}_median_cosine']:.5f}; "
+                          f"tests: {r['tests']}"]
+    http = result.get("http_small")
+    if http and http.get("points"):
+        lines += ["", f"BERT base shape over HTTP, one ~32-token input a request, base64, {http['tokenizer']} "
+                      f"tokenizer: " + "; ".join(
+                          f"concurrency {p['concurrency']}: {p['requests_per_s']:,.0f} requests/s, p50 "
+                          f"{p['latency_p50_ms']:.1f} ms, {p['num_errors']} errors" for p in http["points"])]
     families = result.get("families")
     if families:
         lines += ["", "Newer families, tiny checkpoints on CUDA vs the CPU float32 path: " + ", ".join(
@@ -373,7 +426,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per point (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed batches per point (default 5)")
     p.add_argument("--skip", default="",
-                   help="comma-separated steps to skip: throughput,tp2,flashinfer,families,fp8,budget")
+                   help="comma-separated steps to skip: throughput,tp2,flashinfer,families,fp8,fused,http,budget")
+    p.add_argument("--http-tokenizer", default=None, metavar="DIR",
+                   help="tokenizer files for the http step (e.g. all-MiniLM-L6-v2's); default a word-level one")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU", file=sys.stderr)
@@ -388,10 +443,14 @@ def main(argv=None) -> int:
              ("tp2_one_gpu", lambda: step_tp2_one_gpu(work)),
              ("flashinfer_tests", step_flashinfer_tests),
              ("families", lambda: step_families(work)),
-             ("fp8", lambda: step_fp8(work, args.batch_tokens, args.warmup, args.iters)),
+             ("fp8", lambda: step_variants(work, {"bf16": [], "fp8": ["--quantization", "fp8"]}, "test_fp8.py",
+                                           args.batch_tokens, args.warmup, args.iters)),
+             ("fused", lambda: step_variants(work, {"unfused": ["--fused-ops", "off"], "fused": []},
+                                             "test_fused_ops.py", args.batch_tokens, args.warmup, args.iters)),
+             ("http_small", lambda: step_http_small(work, args.http_tokenizer)),
              ("batch_budget", lambda: step_batch_budget(work))]
     names = {"flashinfer_tests": "flashinfer", "tp2_one_gpu": "tp2", "throughput": "throughput",
-             "batch_budget": "budget", "families": "families", "fp8": "fp8"}
+             "batch_budget": "budget", "families": "families", "fp8": "fp8", "fused": "fused", "http_small": "http"}
     for name, fn in steps:
         if names.get(name) in skip:
             continue

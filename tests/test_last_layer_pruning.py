@@ -45,7 +45,9 @@ def test_pruned_rows_equal_the_full_pass(name, tmp_path):
     cu = batch.cu_seqlens.long()
     assert torch.equal(rows, cu[:-1] if engine.pooling == "cls" else cu[1:] - 1)
     shapes = []
-    engine.model.layers[-1].register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    # a decoder layer returns (its output, the residual stream); an encoder layer its output
+    engine.model.layers[-1].register_forward_hook(
+        lambda module, args, out: shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape)))
     with torch.inference_mode():
         full = engine.model(batch, engine.attention_backend)
         pruned = engine.model(batch, engine.attention_backend, rows=rows)

@@ -56,6 +56,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "attends every sequence and head in one call; torch uses PyTorch's matmuls and SDPA "
                         "per sequence; auto takes the kernel when it builds, else torch with a warning "
                         "(default auto)")
+    g.add_argument("--fused-ops", default="auto", choices=["auto", "off"],
+                   help="auto: the decoder families' RMSNorm, residual add + RMSNorm and gated activations run "
+                        "as FlashInfer's fused kernels on CUDA (bf16/fp16) where FlashInfer is installed; off: "
+                        "PyTorch's ops everywhere (the reference, for comparison)")
     g.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: every tensor-parallel linear layer's weight quantized at load to float8_e4m3 with "
                         "a scale per output channel, its input per token with a dynamic scale; on CUDA FP8 "

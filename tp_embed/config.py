@@ -252,6 +252,7 @@ class EngineConfig:
     cpu_matmul: str
     cpu_attention: str
     quantization: str | None
+    fused_ops: str
     load_format: str
     trust_remote_code: bool
     model_overrides: dict

@@ -22,6 +22,7 @@ from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, EngineConfig, SentenceTransformersConfig, resolve_dtype
 from tp_embed.distributed import all_reduce_min, init_distributed
 from tp_embed.kernels import load_cpu_attention
+from tp_embed.layers import fused
 from tp_embed.layers.fp8 import fp8_supported
 from tp_embed.layers.linear import onednn_available, prepack_linears, quantize_linears
 from tp_embed.loader import init_dummy_weights, load_weights
@@ -104,6 +105,7 @@ class Engine:
         why = fp8_supported(self.device) if self.options.quantization == "fp8" else None
         if why is not None:  # before any weight is read
             raise ConfigError(f"--quantization fp8: {why}")
+        fused.set_enabled(self.options.fused_ops != "off")
         self.model = build_model(self.spec, self.config, self.dtype, self.device)
         if self.options.load_format == "dummy":
             self.load_stats = init_dummy_weights(self.model)

@@ -3,11 +3,14 @@
 import torch
 from torch import nn
 
+from tp_embed.layers.fused import add_rms_norm, rms_norm
 from tp_embed.layers.weights import replicated_weight_loader
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 as transformers does."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 as transformers does (layers/fused.py: one
+    FlashInfer kernel on CUDA)."""
+    gemma = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -15,21 +18,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.weight.weight_loader = replicated_weight_loader
 
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """x / sqrt(mean(x^2) + eps) in float32."""
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * self.normalized(x).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.gemma)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm of x + residual, x + residual): the residual stream's add fused with the next norm. x and
+        residual may be overwritten (on CUDA), so pass tensors nothing else reads."""
+        return add_rms_norm(x, residual, self.weight, self.eps, self.gemma)
 
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's: y = x / sqrt(mean(x^2) + eps) * (1 + w), the scale applied in float32 before the cast back
     (Llama's casts first, then scales by w)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
+    gemma = True
 
 
 class LayerNorm(nn.LayerNorm):

@@ -8,12 +8,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from tp_embed.batch import Batch
 from tp_embed.config import ModelConfig, check_tp_divides_heads, divisors, pad_vocab, tp_error
 from tp_embed.errors import ConfigError
 from tp_embed.layers.attention import Attention, plan_attention
+from tp_embed.layers.fused import gated_activation
 from tp_embed.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -70,12 +70,11 @@ class DecoderMLP(nn.Module):
         if cfg.hidden_act not in GATED_ACTIVATIONS:
             raise ValueError(f"decoder MLP supports hidden_act {GATED_ACTIVATIONS}, not {cfg.hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
-        self.act = ACT2FN[cfg.hidden_act]
+        self.act = cfg.hidden_act
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(gated_activation(self.gate_up_proj(x), self.act))
 
 
 class DecoderLayer(nn.Module):
@@ -86,10 +85,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = DecoderMLP(cfg)
 
-    def forward(self, x, cos, sin, attn, rows=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn, rows)
-        x = (x if rows is None else x[rows]) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn, rows=None):
+        """x: the previous layer's MLP output (the embeddings for the first layer, residual None); residual: the
+        stream before it. Returns (this layer's MLP output, the stream before it): each add is fused with the
+        norm after it (layers/fused.py), the last one with the model's final norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, cos, sin, attn, rows)
+        h, residual = self.post_attention_layernorm.add(h, residual if rows is None else residual[rows])
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -111,17 +117,18 @@ class DecoderModel(nn.Module):
         [len(rows), hidden] for those rows only (the final layer pruned).
 
         `inputs_embeds` [num_tokens, hidden], when given, replaces the token embeddings (Qwen2-VL
-        scatters image features into them); positions may be [3, num_tokens] for M-RoPE.
+        scatters image features into them) and is consumed: the fused residual adds may write into it on CUDA.
+        Positions may be [3, num_tokens] for M-RoPE.
         """
         x = self.embed_tokens(batch.input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype, self.mrope_section)
         attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                               self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
                               attention_backend)
-        last = len(self.layers) - 1
+        last, residual = len(self.layers) - 1, None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn, rows if i == last else None)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, rows if i == last else None)
+        return self.norm.add(x, residual)[0] if residual is not None else self.norm(x)
 
 
 class DecoderClassifier(DecoderModel):

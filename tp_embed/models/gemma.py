@@ -42,10 +42,16 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg)  # GeGLU: hidden_act gelu_pytorch_tanh
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, attn, rows=None):
-        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attn, rows))
-        x = (x if rows is None else x[rows]) + h
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x, residual, cos, sin, attn, rows=None):
+        """As the decoder's layer (decoder.DecoderLayer): (this layer's normed MLP output, the stream before it),
+        each add fused with the norm after it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, cos, sin, attn, rows))
+        h, residual = self.pre_feedforward_layernorm.add(h, residual if rows is None else residual[rows])
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 def sliding_window(hf) -> int | None:
@@ -90,10 +96,10 @@ class GemmaModel(nn.Module):
             attn[t] = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_kv_heads,
                                      cfg.head_dim, cfg.causal, x.dtype, attention_backend, scale=self.scale,
                                      window=window, softcap=self.softcap)
-        last = len(self.layers) - 1
+        last, residual = len(self.layers) - 1, None
         for i, (layer, t) in enumerate(zip(self.layers, self.layer_types)):
-            x = layer(x, *rope[t], attn[t], rows if i == last else None)
-        return self.norm(x)
+            x, residual = layer(x, residual, *rope[t], attn[t], rows if i == last else None)
+        return self.norm.add(x, residual)[0] if residual is not None else self.norm(x)
 
 
 def build_config(hf, raw: dict, tp_size: int, name: str, model_dir: str = "") -> ModelConfig:
