@@ -1,7 +1,8 @@
-"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma, SPLADE, bge-m3) and ONE torchrun job per tp that
-embeds all of them: torch and gloo start three times instead of twelve. tests/test_mpnet.py, test_modernbert.py,
-test_gemma.py, test_splade.py and test_bge_m3.py read their models' outputs from the session fixture `family_jobs`
-(tests/conftest.py); each file's docstring says what its models are for."""
+"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma, SPLADE, bge-m3, FP8 checkpoints) and ONE
+torchrun job per tp that embeds all of them: torch and gloo start three times instead of a dozen.
+tests/test_mpnet.py, test_modernbert.py, test_gemma.py, test_splade.py, test_bge_m3.py and test_fp8_checkpoint.py
+read their models' outputs from the session fixture `family_jobs` (tests/conftest.py); each file's docstring
+says what its models are for."""
 
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import tiny_models as tm
 import tiny_modernbert as tmb
 import tiny_splade as tsp
 from dist_utils import embed_models
+from tiny_fp8 import make_fp8_checkpoint
 from tiny_m3 import make_bge_m3
 from tiny_mpnet import make_mpnet
 
@@ -46,7 +48,16 @@ def build_checkpoints(root) -> dict:
         "splade_distilbert": tsp.make_splade_distilbert(str(root / "splade_distilbert"), seed=2,
                                                         activation_function="log1p_relu"),
         "bge_m3": make_bge_m3(str(root / "bge_m3")),
+        **fp8_checkpoints(root),
     }
+
+
+def fp8_checkpoints(root) -> dict:
+    """A tiny Mistral, and it saved in FP8 as llm-compressor and fbgemm save it (tests/test_fp8_checkpoint.py)."""
+    mistral = tm.make_mistral(str(root / "mistral"))
+    return {"mistral": mistral,
+            "mistral_ct": make_fp8_checkpoint(mistral, str(root / "mistral_ct"), "compressed-tensors"),
+            "mistral_fbgemm": make_fp8_checkpoint(mistral, str(root / "mistral_fbgemm"), "fbgemm_fp8")}
 
 
 def model_specs(ck: dict, tp: int) -> list[dict]:
@@ -66,6 +77,10 @@ def model_specs(ck: dict, tp: int) -> list[dict]:
         model("splade_bert_untied", "--truncate", texts=SPLADE_TEXTS),
         model("splade_distilbert", "--truncate", texts=SPLADE_TEXTS),
         model("bge_m3", token_outputs=["sparse", "colbert"]),
+        model("mistral"),
+        model("mistral_fp8", "--quantization", "fp8", path="mistral"),
+        model("mistral_ct"),
+        model("mistral_fbgemm"),
     ]
     if tp == 1:  # ModernBERT with PyTorch's attention (the others take the compiled CPU kernel where it builds)
         specs.append(model("gte_torch", "--cpu-attention", "torch", path="gte"))

@@ -154,6 +154,15 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1).to(x.device)
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise largest of each rank's `x` over the tensor-parallel group (a new tensor on x's device)."""
+    if _STATE.tp_size == 1:
+        return x
+    t = x.to(comm_device()).contiguous().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_STATE.tp_group)
+    return t.to(x.device)
+
+
 def all_reduce_min(value: int) -> int:
     """The smallest of each rank's `value` over the tensor-parallel group (ranks agreeing on a limit)."""
     if _STATE.tp_size == 1:

@@ -24,6 +24,7 @@ from tp_embed.distributed import all_reduce_min, init_distributed
 from tp_embed.kernels import load_cpu_attention
 from tp_embed.layers import fused
 from tp_embed.layers.fp8 import fp8_supported
+from tp_embed.layers.fp8_checkpoint import checkpoint_fp8, quantization_config
 from tp_embed.layers.linear import onednn_available, prepack_linears, quantize_linears
 from tp_embed.loader import init_dummy_weights, load_weights
 from tp_embed.model_path import resolve_model_path
@@ -102,16 +103,24 @@ class Engine:
         """Build this rank's shard, fill it (checkpoint or --load-format dummy), and pack its linear layers
         for oneDNN where --cpu-matmul asks (float32 on the CPU only: elsewhere nothing is packed)."""
         t0 = time.perf_counter()
-        why = fp8_supported(self.device) if self.options.quantization == "fp8" else None
+        fp8_format = None
+        if self.options.load_format != "dummy":
+            fp8_format = checkpoint_fp8(quantization_config(self.config.hf_config), self.model_name)
+        quantize = self.options.quantization == "fp8" or fp8_format is not None
+        why = fp8_supported(self.device) if quantize else None
         if why is not None:  # before any weight is read
-            raise ConfigError(f"--quantization fp8: {why}")
+            if self.options.quantization == "fp8":
+                raise ConfigError(f"--quantization fp8: {why}")
+            logger.warning("%s is an FP8 checkpoint (%s), but %s: serving its weights dequantized in %s",
+                           self.model_name, fp8_format, why, self.dtype)
+            quantize = False
         fused.set_enabled(self.options.fused_ops != "off")
         self.model = build_model(self.spec, self.config, self.dtype, self.device)
         if self.options.load_format == "dummy":
             self.load_stats = init_dummy_weights(self.model)
         else:
-            self.load_stats = load_weights(self.model, self.spec.checkpoint, self.model_dir, show_progress)
-        if self.options.quantization == "fp8":
+            self.load_stats = load_weights(self.model, self.spec.checkpoint, self.model_dir, show_progress, fp8_format)
+        if quantize:
             quantize_linears(self.model)
         self.load_seconds = time.perf_counter() - t0
         packed = self.options.cpu_matmul == "onednn" and onednn_available() and prepack_linears(self.model) > 0

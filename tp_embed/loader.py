@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tp_embed.errors import ConfigError
+from tp_embed.layers.fp8_checkpoint import FP8_DTYPE_NAME, SCALE_SUFFIX, DequantizedSlice, is_scale_key, scale_key
 from tp_embed.models.spec import CheckpointLayout
 
 
@@ -59,18 +60,13 @@ class _CountingSlice:
         return t
 
 
-def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, show_progress: bool = True) -> dict:
+def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, show_progress: bool = True,
+                 fp8_format: str | None = None) -> dict:
     """Fill every parameter of `model` from the checkpoint in `model_dir`, its keys mapped by the family's
-    `layout`; returns read statistics {"bytes_read": n, "largest_read_fraction": {param name: fraction}}."""
+    `layout`; returns read statistics {"bytes_read": n, "largest_read_fraction": {param name: fraction}}.
+    `fp8_format` (layers/fp8_checkpoint.py): the checkpoint's FP8 weights are read dequantized."""
     params = dict(model.named_parameters())
-    expected = defaultdict(set)
-    for name in params:
-        expected[name].add(None)
-    for param_part, shard_id in layout.packed_modules.values():
-        if shard_id is not None:
-            for name in params:
-                if f".{param_part}." in f".{name}":
-                    expected[name] = expected[name] - {None} | {shard_id}
+    expected = expected_shards(params, layout)
     # a parameter with `tied_to` (a causal LM's head tied to its embedding table) loads from its source's
     # tensor unless the checkpoint has a tensor of its own, which wins whichever comes first; the source may
     # be a tensor no parameter holds (BERT's cls.predictions.bias, its decoder's bias unless that is saved)
@@ -82,11 +78,12 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
     loaded = defaultdict(set)
     stats = {"bytes_read": 0, "largest_read_fraction": {}}
     files = checkpoint_files(model_dir)
+    scales = read_fp8_scales(files) if fp8_format else None
     with tqdm(total=len(files), desc="loading weights", unit="file", disable=not show_progress) as bar:
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    target = layout.param_name(key)
+                    target = None if scales is not None and is_scale_key(key) else layout.param_name(key)
                     if target is None:
                         continue
                     name, shard_id = target
@@ -96,7 +93,7 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
                         raise ConfigError(f"{model_dir}: checkpoint tensor {key!r} matches no parameter "
                                           f"of {type(model).__name__} (mapped to {name!r})")
                     if name in params:
-                        param, view = params[name], _CountingSlice(f.get_slice(key), stats, name)
+                        param, view = params[name], tensor_view(f, key, stats, name, scales)
                         if shard_id is None:
                             param.weight_loader(param, view)
                         else:
@@ -105,7 +102,7 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
                         own.add(name)
                     for other in tied.get(name, ()):
                         if other not in own:
-                            params[other].weight_loader(params[other], _CountingSlice(f.get_slice(key), stats, other))
+                            params[other].weight_loader(params[other], tensor_view(f, key, stats, other, scales))
                             loaded[other].add(None)
             bar.update(1)
     missing = [name + ("" if shards == {None} else f" (shards {sorted(map(str, shards - loaded[name]))})")
@@ -114,6 +111,39 @@ def load_weights(model: nn.Module, layout: CheckpointLayout, model_dir: str, sho
         raise ConfigError(f"{model_dir}: the checkpoint lacks weights the model needs: {', '.join(missing[:8])}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     return stats
+
+
+def expected_shards(params: dict, layout: CheckpointLayout) -> dict:
+    """parameter name -> the shard ids it must be loaded with ({None} for a tensor loaded whole)."""
+    expected = defaultdict(set)
+    for name in params:
+        expected[name].add(None)
+    for param_part, shard_id in layout.packed_modules.values():
+        if shard_id is not None:
+            for name in params:
+                if f".{param_part}." in f".{name}":
+                    expected[name] = expected[name] - {None} | {shard_id}
+    return expected
+
+
+def read_fp8_scales(files: list[str]) -> dict:
+    """Every FP8 weight scale of the checkpoint, by key (one float per output channel or per tensor: small)."""
+    scales = {}
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            scales.update((key, f.get_tensor(key)) for key in f.keys() if key.endswith(SCALE_SUFFIX))
+    return scales
+
+
+def tensor_view(f, key: str, stats: dict, name: str, scales: dict | None):
+    """A counting slice of checkpoint tensor `key`; an FP8 weight's reads dequantized by its scale."""
+    inner = f.get_slice(key)
+    view = _CountingSlice(inner, stats, name)
+    if scales is None or inner.get_dtype() != FP8_DTYPE_NAME:
+        return view
+    if scale_key(key) not in scales:
+        raise ConfigError(f"checkpoint tensor {key!r} is FP8 but the checkpoint has no {scale_key(key)!r}")
+    return DequantizedSlice(view, scales[scale_key(key)])
 
 
 def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> dict:

@@ -19,16 +19,19 @@ MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
 SCALED_MM_MULTIPLE = 16  # torch._scaled_mm's operands need both matrix dimensions a multiple of 16
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [m, k] -> (float8_e4m3fn [m, k], float32 scales [m, 1]) with x ~ q * scale, one scale per row."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_SCALE) / FP8_MAX
+def quantize_rows(x: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] -> (float8_e4m3fn [m, k], float32 scales [m, 1]) with x ~ q * scale, one scale per row: each
+    row's max |x|, or `absmax` [m, 1] (a whole row's, of which x holds a row-parallel rank's columns), at 448."""
+    if absmax is None:
+        absmax = x.abs().amax(dim=-1, keepdim=True)
+    scale = absmax.float().clamp(min=MIN_SCALE) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+def fake_quantize_rows(x: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
     """x rounded through FP8 row by row (quantize, dequantize), in x's dtype and shape."""
     rows = x.reshape(-1, x.shape[-1])
-    q, scale = quantize_rows(rows)
+    q, scale = quantize_rows(rows, absmax)
     return (q.float() * scale).to(x.dtype).view(x.shape)
 
 

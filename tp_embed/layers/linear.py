@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_embed.distributed import all_reduce, tp_rank, tp_size
+from tp_embed.distributed import all_reduce, all_reduce_max, tp_rank, tp_size
 from tp_embed.errors import ConfigError
 from tp_embed.layers.fp8 import SCALED_MM_MULTIPLE, fake_quantize_rows, quantize_rows, scaled_matmul
 from tp_embed.layers.weights import loaded_shape, read_cols, read_rows, replicated_weight_loader
@@ -62,20 +62,26 @@ class PackedLinear(nn.Module):
     fp8_reference: bool = False  # CPU FP8: the weight holds its dequantized FP8 values; inputs round through FP8
 
     def quantize_fp8(self) -> None:
-        """--quantization fp8 (tp_embed/layers/fp8.py): one scale per output channel. CUDA keeps the FP8
-        weight for torch._scaled_mm and releases the original; the CPU keeps the dequantized weight (which
-        `prepack` may then pack)."""
+        """--quantization fp8 (tp_embed/layers/fp8.py): one scale per output channel, the channel's max |w| over
+        its whole row (`row_absmax`: a row-parallel layer's ranks agree on it), so every tp quantizes alike and
+        an FP8 checkpoint's own values come back. CUDA keeps the FP8 weight for torch._scaled_mm and releases
+        the original; the CPU keeps the dequantized weight (which `prepack` may then pack)."""
         w = self.weight.detach()
+        absmax = self.row_absmax(w)
         if w.device.type == "cpu":
-            self.weight.data = fake_quantize_rows(w)
+            self.weight.data = fake_quantize_rows(w, absmax)
             self.fp8_reference = True
             return
         if w.shape[0] % SCALED_MM_MULTIPLE or w.shape[1] % SCALED_MM_MULTIPLE:
             raise ConfigError(f"--quantization fp8: a {w.shape[0]} x {w.shape[1]} weight shard; FP8 matmuls need "
                               f"both sizes a multiple of {SCALED_MM_MULTIPLE}")
-        q, scale = quantize_rows(w)
+        q, scale = quantize_rows(w, absmax)
         self.fp8_weight, self.fp8_scale = q.t(), scale.t().contiguous()
         self.weight.data = w.new_empty(0)
+
+    def row_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """Each output row's max |w|, [out, 1]: this shard's (a column-parallel rank holds whole rows)."""
+        return w.abs().amax(dim=1, keepdim=True)
 
     def prepack(self) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
@@ -246,6 +252,10 @@ class RowParallelLinear(PackedLinear):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         cols = param.shape[1]
         param.data.copy_(read_cols(loaded, self.tp_rank * cols, cols))
+
+    def row_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """The whole row's max |w| (each rank holds some of its columns): the largest of the ranks'."""
+        return all_reduce_max(w.abs().amax(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """XA + b, plus `residual` when given (one oneDNN call at tp = 1)."""
