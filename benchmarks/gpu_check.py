@@ -2,6 +2,9 @@
 
     python benchmarks/gpu_check.py --out results/gpu   # ~5-8 minutes on one H100/H200, no network
 
+On a lent GPU machine (no network), fetch its wheels and tokenizer here first with
+benchmarks/device_wheels.sh, which also prints the one device command that installs them and runs this.
+
 Steps, each recorded even when a later one fails:
   1. environment: GPU name, memory, clocks (NVML), torch / transformers / flashinfer versions (the
      import check)
