@@ -83,6 +83,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="L2-normalize embeddings by default (default: on when the model lists a "
                         "sentence-transformers Normalize module or has no such files); requests may "
                         "override with the `normalize` field")
+    g.add_argument("--prompts", default=None, metavar="JSON",
+                   help="named prompts, a JSON object of name -> text, added to (or replacing) those of the model's "
+                        "config_sentence_transformers.json; requests pick one with prompt_name, and Cohere's "
+                        "input_type picks the prompt of its own name first (e.g. '{\"search_query\": \"query: \", "
+                        "\"search_document\": \"passage: \"}')")
     g.add_argument("--context-length", type=int, default=None, metavar="TOKENS",
                    help="longest input in tokens (default: sentence-transformers' max_seq_length, else "
                         "the tokenizer's model_max_length, else the model's position limit)")
@@ -228,6 +233,20 @@ class ListConfigs(argparse.Action):
         parser.exit()
 
 
+def parse_prompts(p: argparse.ArgumentParser, value) -> dict:
+    """--prompts as a dict of name -> prompt text (a preset may give the object itself)."""
+    if value is None:
+        return {}
+    try:
+        prompts = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as e:
+        p.error(f"--prompts: not valid JSON ({e})")
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) and k
+                                                for k, v in prompts.items()):
+        p.error("--prompts must be a JSON object of prompt names to prompt texts (strings)")
+    return prompts
+
+
 def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse twice: once to find --config, then with the preset's values as defaults."""
     first, _ = p.parse_known_args(argv)
@@ -257,6 +276,7 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
             p.error("--json-model-override-args must be a JSON object")
     else:
         args.model_overrides = {}
+    args.prompts = parse_prompts(p, args.prompts)
     if args.tp < 1:
         p.error("--tp must be at least 1")
     if args.dp < 1:

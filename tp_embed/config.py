@@ -259,6 +259,7 @@ class EngineConfig:
     pooling: str | None
     normalize: bool | None
     context_length: int | None
+    prompts: dict
     allow_auto_truncate: bool
     long_inputs: str
     max_batch_tokens: int | None

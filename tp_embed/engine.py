@@ -129,6 +129,7 @@ class Engine:
     def build_text(self, st: SentenceTransformersConfig) -> TextProcessor:
         text = TextProcessor(self.model_dir, st, self.config.max_input_tokens, self.options.context_length,
                              self.options.trust_remote_code)
+        text.prompts.update(self.options.prompts)  # --prompts over the model's own
         if text.max_length > self.max_batch_tokens:
             # an input must fit one batch: longer ones are refused (or truncated when asked), never looped on
             logger.warning("context length %d exceeds the batch budget of %d tokens; inputs are limited to %d",
