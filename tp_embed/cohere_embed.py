@@ -113,12 +113,12 @@ def content_of(i: int, item) -> tuple[str | None, str | None]:
     return (" ".join(texts) if texts else None), (images[0] if images else None)
 
 
-def parse_request(body: bytes, prompts: dict) -> tuple[EmbeddingRequest, CohereEmbedRequest]:
-    """A /v2/embed body as the EmbeddingRequest it asks for, and the Cohere request (for the response);
-    APIError (400) for a bad one. Items (an image among the inputs) take no prompt: input_type then names
+def parse_request(body: bytes, prompts: dict) -> tuple[EmbeddingRequest, CohereEmbedRequest, list[str]]:
+    """A /v2/embed body as the EmbeddingRequest it asks for, the Cohere request and its texts (for the
+    response); APIError (400) for a bad one. Items (an image among the inputs) take no prompt: input_type then names
     none."""
     req = parse_json_body(body, CohereEmbedRequest)
-    inputs, _ = inputs_of(req)
+    inputs, texts = inputs_of(req)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}", param="max_tokens")
     items = bool(inputs) and isinstance(inputs[0], dict)
@@ -130,7 +130,7 @@ def parse_request(body: bytes, prompts: dict) -> tuple[EmbeddingRequest, CohereE
                              truncate_prompt_tokens=None if items else req.max_tokens,
                              truncation_side=None if items else "left" if req.truncate == "START" else "right",
                              prompt_name=None if items else prompt_for(req.input_type, prompts))
-    return embed, req
+    return embed, req, texts
 
 
 def load_calibration(path: str | None) -> np.ndarray | None:
@@ -211,12 +211,13 @@ def quantize(vectors: np.ndarray, kind: str, ranges: np.ndarray | None = None) -
     return np.rint((unit + 1) * 127.5).astype(np.uint8).tolist()
 
 
-def render(vectors: np.ndarray, req: CohereEmbedRequest, num_tokens: int, ranges: np.ndarray | None = None) -> bytes:
+def render(vectors: np.ndarray, req: CohereEmbedRequest, texts: list[str], num_tokens: int,
+           ranges: np.ndarray | None = None) -> bytes:
     """The response body: each asked type once, in the order asked; `ranges` calibrate int8 and uint8."""
     types = req.embedding_types or ["float"]
     return json.dumps({
         "id": str(uuid.uuid4()),
         "embeddings": {kind: quantize(vectors, kind, ranges) for kind in dict.fromkeys(types)},
-        "texts": inputs_of(req)[1],
+        "texts": texts,
         "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": num_tokens}},
         "response_type": "embeddings_by_type"}, separators=(",", ":")).encode()

@@ -287,6 +287,8 @@ class EmbeddingServer:
         policy = self.length_policy(req, text.max_length)
         items = parse_items(req.input)
         if items is not None and engine.processor is not None:
+            if output != "dense":
+                raise APIError(400, f"output {output} takes text or token ids, not items", param="input")
             if policy.limit is not None or policy.side != "right":
                 raise APIError(400, "truncate_prompt_tokens and truncation_side apply to text and token-id inputs, "
                                     "not to items", param="truncate_prompt_tokens")
@@ -332,8 +334,6 @@ class EmbeddingServer:
         if output == "sparse" and req.encoding_format != "float":
             raise APIError(400, "sparse vectors are sent as indices and values: use encoding_format float",
                            param="encoding_format")
-        if self.engine.processor is not None and parse_items(req.input) is not None:
-            raise APIError(400, f"output {output} takes text or token ids, not items", param="input")
         return output
 
     def encode_inputs(self, req: EmbeddingRequest, policy: LengthPolicy, text) -> list[list[list[int]]]:
@@ -566,24 +566,25 @@ class EmbeddingServer:
             return await self.tei_embed_sparse(request)
         return await self.tei_embed(request)
 
+    async def in_tei_shape(self, request: Request, answer) -> Response:
+        """await answer(), its APIError answered in text-embeddings-inference's error shape (tei.error_body)."""
+        try:
+            return await answer()
+        except APIError as error:
+            return error_response(error, self.metrics, request, tei.error_body(error))
+
     async def tei_embed_sparse(self, request: Request):
         """text-embeddings-inference's POST /embed_sparse: [[{"index", "value"}]] for a SPLADE model or bge-m3's
         sparse head; its error shape."""
-        try:
-            return await self.serve_embeddings(
-                request, lambda outputs, prepared: tei.render_sparse(self.token_results(outputs, prepared)),
-                tei.parse_embed_sparse_request)
-        except APIError as error:
-            return error_response(error, self.metrics, request, tei.error_body(error))
+        return await self.in_tei_shape(request, lambda: self.serve_embeddings(
+            request, lambda outputs, prepared: tei.render_sparse(self.token_results(outputs, prepared)),
+            tei.parse_embed_sparse_request))
 
     async def tei_embed(self, request: Request):
         """text-embeddings-inference's POST /embed (and POST /, which TEI dispatches by the model's task:
         check_task answers a model that does not embed): [[float]]; its error shape."""
-        try:
-            return await self.serve_embeddings(request, lambda vectors, _: tei.render_vectors(vectors),
-                                               tei.parse_embed_request)
-        except APIError as error:
-            return error_response(error, self.metrics, request, tei.error_body(error))
+        return await self.in_tei_shape(request, lambda: self.serve_embeddings(
+            request, lambda vectors, _: tei.render_vectors(vectors), tei.parse_embed_request))
 
     async def cohere_v2_embed(self, request: Request):
         """Cohere's POST /v2/embed (tp_embed/cohere_embed.py): float, int8, uint8, binary, ubinary, base64
@@ -591,19 +592,19 @@ class EmbeddingServer:
         asked = {}
 
         def parse(body: bytes) -> EmbeddingRequest:
-            embed, asked["request"] = cohere_embed.parse_request(body, self._local.text.prompts)
+            embed, asked["request"], asked["texts"] = cohere_embed.parse_request(body, self._local.text.prompts)
             return embed
 
         return await self.serve_embeddings(request, lambda vectors, prepared: cohere_embed.render(
-            vectors, asked["request"], prepared.num_tokens, self.calibration_ranges), parse)
+            vectors, asked["request"], asked["texts"], prepared.num_tokens, self.calibration_ranges), parse)
 
     async def tei_info(self, request: Request):
         """text-embeddings-inference's GET /info."""
-        try:
-            self.authorize(request)
-            self.check_ready()
-        except APIError as error:
-            return error_response(error, self.metrics, request, tei.error_body(error))
+        return await self.in_tei_shape(request, lambda: self.tei_info_response(request))
+
+    async def tei_info_response(self, request: Request) -> Response:
+        self.authorize(request)
+        self.check_ready()
         engine = self.engine
         head = engine.config.head
         kind = tei.model_kind(engine.tasks, engine.pooling, dict(head.labels) if head is not None else None)
@@ -901,8 +902,8 @@ def serve(args) -> int:
 
 
 def event_loop_factory():
-    """uvloop's event loop where it is installed (`pip install "tp-embed[fast]"`: about 1.2x the requests a
-    second of small inputs), else asyncio's own."""
+    """uvloop's event loop where it is installed (`pip install "tp-embed[fast]"`, with httptools: about 1.2x the
+    requests a second of short inputs over asyncio and h11, docs/performance.md), else asyncio's own."""
     try:
         import uvloop
     except ImportError:

@@ -34,16 +34,20 @@ ERROR_TYPES = {401: "Unauthorized", 413: "Validation", 422: "Validation", 429: "
                503: "Unhealthy"}
 
 
-class TeiEmbedRequest(BaseModel):
+class TeiEmbedSparseRequest(BaseModel):
+    """POST /embed_sparse; /embed's request (TeiEmbedRequest) is this one and its own fields."""
     model_config = ConfigDict(extra="forbid")
 
     inputs: object  # str | list[str] | list[int] | list[list[int]], checked as /v1/embeddings' input
-    normalize: StrictBool = True
     truncate: StrictBool | None = None
     truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
     prompt_name: StrictStr | None = None
+    parameters: dict | None = None  # huggingface_hub nests the other fields here
+
+
+class TeiEmbedRequest(TeiEmbedSparseRequest):
+    normalize: StrictBool = True
     dimensions: StrictInt | None = None
-    parameters: dict | None = None  # huggingface_hub nests the fields above here
 
 
 def parse_with_parameters(body: bytes, schema: type[BaseModel]) -> BaseModel:
@@ -204,16 +208,6 @@ def tokenize(body: bytes, text: TextProcessor) -> list[list[dict]]:
                     {"id": id_, "text": s[start:stop], "special": False, "start": start, "stop": stop}
                     for id_, (start, stop), special, token in tokens])
     return out
-
-
-class TeiEmbedSparseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: object  # as /embed's
-    truncate: StrictBool | None = None
-    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
-    prompt_name: StrictStr | None = None
-    parameters: dict | None = None
 
 
 def parse_embed_sparse_request(body: bytes) -> EmbeddingRequest:

@@ -15,10 +15,6 @@ from tp_embed.errors import ConfigError
 logger = logging.getLogger("tp_embed")
 
 
-LONG_INPUT_MODES = ("error", "truncate", "chunk")
-TRUNCATION_SIDES = ("right", "left")
-
-
 class InputTooLongError(ValueError):
     def __init__(self, index: int, num_tokens: int, limit: int, message: str | None = None):
         self.index, self.num_tokens, self.limit = index, num_tokens, limit

@@ -8,7 +8,7 @@
 The heads are small (hidden -> 1, hidden -> colbert dim), so a group's rank 0 holds them whole and applies
 them to the batch's hidden states after the model (the workers run the model only, with no last-layer
 pruning for such a batch); the result goes back one row per token and rank 0's HTTP side aggregates it per
-input (`lexical_weights`, `colbert_vectors`).
+input (`lexical_weights`; the ColBERT rows after each window's first token).
 """
 
 import os
