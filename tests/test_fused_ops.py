@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 
 from tp_embed.layers import fused
 from tp_embed.layers.norm import GemmaRMSNorm, RMSNorm
+from tp_embed.layers.rotary import RotaryEmbedding, apply_rotary, rope_cos_sin
 
 ACTIVATIONS = tuple(fused.ACTIVATION_KERNELS)
 
@@ -56,6 +57,47 @@ def test_gated_activation_reference(activation):
 def test_the_cpu_and_float32_never_take_the_kernels():
     assert fused.kernels_for(torch.randn(4, 8)) is None
     assert fused.kernels_for(torch.randn(4, 8, dtype=torch.bfloat16)) is None
+    q = torch.randn(4, 2, 64, dtype=torch.bfloat16)
+    assert not fused.rope_kernel_takes(q, q, torch.arange(4))
+
+
+def qkv_views(num_tokens: int, heads: int, kv_heads: int, head_dim: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, heads, D] and k [n, kv_heads, D] as a decoder's attention has them: views of one qkv projection."""
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, **kw)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.view(num_tokens, heads, head_dim), k.view(num_tokens, kv_heads, head_dim)
+
+
+def packed_positions(lengths: list[int], device="cpu") -> torch.Tensor:
+    return torch.cat([torch.arange(n, dtype=torch.int32, device=device) for n in lengths])
+
+
+def test_the_rope_table_holds_the_references_angles():
+    """The float32 cos | sin table FlashInfer's kernel reads is, row by row, what the PyTorch path computes."""
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 64, 2, dtype=torch.float) / 64))
+    rotary = RotaryEmbedding(inv_freq, scale=1.3, max_positions=300)
+    positions = packed_positions([300, 7])
+    cos, sin = rope_cos_sin(positions, inv_freq, 1.3, torch.float32)
+    table = rotary.table()
+    assert table.shape == (300, 64) and table.dtype == torch.float32
+    assert torch.equal(table[positions.long(), :32], cos) and torch.equal(table[positions.long(), 32:], sin)
+
+
+def test_rope_keeps_the_pytorch_path_where_the_kernel_cannot_go():
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 64, 2, dtype=torch.float) / 64))
+    positions = packed_positions([5, 3])
+    assert RotaryEmbedding(inv_freq, max_positions=8)(positions, 5, torch.float32).kernel
+    assert not RotaryEmbedding(inv_freq, max_positions=4)(positions, 5, torch.float32).kernel  # past the table
+    mrope = RotaryEmbedding(inv_freq, section=[8, 12, 12], max_positions=8)
+    assert not mrope(positions.expand(3, -1), 5, torch.float32).kernel
+    # on the CPU: the rotate-half reference; rows past the batch's tokens (oneDNN's padding) come out zero
+    rope = RotaryEmbedding(inv_freq, scale=0.5, max_positions=8)(positions, 5, torch.float32)
+    q, k = qkv_views(10, 4, 2, 64)
+    got_q, got_k = rope.rotate(q, k)
+    cos, sin = rope_cos_sin(positions, inv_freq, 0.5, torch.float32)
+    assert torch.equal(got_q[:8], apply_rotary(q[:8], cos, sin))
+    assert torch.equal(got_k[:8], apply_rotary(k[:8], cos, sin))
+    assert (got_q[8:] == 0).all() and (got_k[8:] == 0).all()
 
 
 @gpu
@@ -87,25 +129,48 @@ def test_flashinfer_gated_activations_match_the_reference(activation):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_flashinfer_rope_matches_the_reference(head_dim, dtype):
+    """FlashInfer's kernel in place on q/k views of a qkv projection, against the rotation in float32."""
+    torch.manual_seed(5)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cuda") / head_dim))
+    positions = packed_positions([700, 1, 33, 128], "cuda")
+    rope = RotaryEmbedding(inv_freq, scale=1.2, max_positions=1024)(positions, 700, dtype)
+    q, k = qkv_views(positions.numel(), 8, 2, head_dim, device="cuda", dtype=dtype)
+    assert fused.rope_kernel_takes(q, k, positions)
+    cos, sin = rope_cos_sin(positions, inv_freq, 1.2, torch.float32)
+    want_q, want_k = apply_rotary(q.float(), cos, sin), apply_rotary(k.float(), cos, sin)
+    got_q, got_k = rope.rotate(q, k)
+    assert got_q.data_ptr() == q.data_ptr()  # in place
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        assert (got.float() - want).abs().max() <= 0.01 * want.abs().max()
+
+
+@gpu
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
-def test_a_decoder_with_fused_ops_matches_it_without(family, tmp_path):
-    """A tiny random decoder on CUDA in bf16: every token's last hidden state with --fused-ops auto against off."""
+def test_a_decoder_with_fused_ops_matches_it_without(family, tmp_path, monkeypatch):
+    """A tiny random decoder on CUDA in bf16 (head dim 64, so the rotary kernel takes it): every token's last hidden
+    state with --fused-ops auto against off."""
     import tiny_gemma as tg
     import tiny_models as tm
     from tp_embed.batch import Batch
     from tp_embed.loader import load_weights
     from tp_embed.models import build_model, load_config
 
-    path = (tm.make_qwen3 if family == "qwen3" else tg.make_embeddinggemma)(str(tmp_path / family))
+    path = (tm.make_qwen3 if family == "qwen3" else tg.make_embeddinggemma)(str(tmp_path / family), head_dim=64)
     spec, cfg = load_config(path)
     model = build_model(spec, cfg, torch.bfloat16, torch.device("cuda"))
     load_weights(model, spec.checkpoint, path, False)
     batch = Batch.from_token_ids([[5, 6, 7, 8, 9] * 20, [11, 12, 13], list(range(3, 60))], "cuda")
-    outputs = {}
+    outputs, rotations = {}, []
+    rope_inplace = fused.rope_inplace
+    monkeypatch.setattr(fused, "rope_inplace", lambda *a: rotations.append(1) or rope_inplace(*a))
     for enabled in (False, True):
         fused.set_enabled(enabled)
         with torch.inference_mode():
             outputs[enabled] = model(batch, "sdpa").float()
     fused.set_enabled(True)
+    assert len(rotations) == len(model.layers)  # the fused run turned q and k in FlashInfer's kernel
     cos = torch.nn.functional.cosine_similarity(outputs[True], outputs[False], dim=-1)
     assert cos.min() > 0.999, cos.min()

@@ -5,10 +5,10 @@ everywhere else (the CPU, float32, or without FlashInfer) and as what the kernel
     add_rms_norm(x, residual, w)      residual <- x + residual, then its norm: one pass over both (in place on
                                       CUDA: x becomes the norm, residual the sum)
     gated_activation(gate_up, act)    act(gate) * up from the merged gate/up projection: SwiGLU, GeGLU
+    rope_inplace(q, k, positions, t)  rotary embedding of q and k in place, one kernel for both (layers/rotary.py's
+                                      Rope decides when: plain positions, not M-RoPE; its table per position)
 
-`--fused-ops off` (set_enabled(False)) keeps the reference on CUDA too, for comparison. Rotary embeddings stay in
-PyTorch (layers/rotary.py): FlashInfer's rope kernels want a cos/sin cache per position, and M-RoPE (Qwen2-VL)
-has none of its form.
+`--fused-ops off` (set_enabled(False)) keeps the reference on CUDA too, for comparison.
 """
 
 import functools
@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 
 _ENABLED = [True]
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
+ROPE_HEAD_DIMS = (64, 128, 256, 512)  # FlashInfer's rotary kernel is specialised for these
 # the activations gated_activation takes, and FlashInfer's kernel for each
 ACTIVATION_KERNELS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul", "gelu": "gelu_and_mul"}
 
@@ -32,6 +33,7 @@ def _flashinfer():
     try:
         import flashinfer.activation
         import flashinfer.norm
+        import flashinfer.rope
     except ImportError:
         return None
     return flashinfer
@@ -82,3 +84,24 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     if fi is None:
         return gated_activation_reference(gate_up, activation)
     return getattr(fi.activation, ACTIVATION_KERNELS[activation])(gate_up)
+
+
+def rope_kernel_takes(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Whether `rope_inplace` can turn q [n, heads, D] and k [n, kv_heads, D]: CUDA, bf16/fp16, a head dim the
+    kernel is built for, positions [n], and each token's heads contiguous (views of a qkv projection are)."""
+    if not _ENABLED[0] or not q.is_cuda or q.dtype not in FUSED_DTYPES or k.dtype != q.dtype:
+        return False
+    if positions.dim() != 1 or positions.shape[0] != q.shape[0] or q.shape[-1] != k.shape[-1]:
+        return False
+    if q.shape[-1] not in ROPE_HEAD_DIMS:
+        return False
+    heads_contiguous = all(t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k))
+    return heads_contiguous and _flashinfer() is not None
+
+
+def rope_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> None:
+    """FlashInfer's rotary kernel (the rotate-half layout) on q and k in place, where `rope_kernel_takes` them:
+    token i turns by row positions[i] of `table`, float32 [max_positions, D] holding cos | sin (the attention
+    scaling folded in); the math is float32, rounded once to q's dtype."""
+    _flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(
+        positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1), q.shape[-1], table, is_neox=True)

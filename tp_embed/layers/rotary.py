@@ -1,7 +1,18 @@
-"""Rotary position embedding (the neox / rotate-half layout that Llama, Mistral and Qwen use)."""
+"""Rotary position embedding (the neox / rotate-half layout that Llama, Mistral and Qwen use).
+
+A model holds a `RotaryEmbedding` per kind of layer (its frequencies); per batch it gives a `Rope`, whose
+`rotate(q, k)` every layer of that kind calls: FlashInfer's kernel in place on CUDA (layers/fused.py), else
+cos/sin in the model's dtype as transformers computes them.
+"""
+
+import functools
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from tp_embed.layers import fused
 
 
 def rope_inv_freq(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
@@ -52,3 +63,52 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """A model's rotary frequencies inv_freq [head_dim/2] with their cos/sin scale and, for M-RoPE, the section
+    (`rope_cos_sin`); `max_positions` bounds the per-position table FlashInfer's kernel reads (built on first
+    use, float32 [max_positions, head_dim]: cos | sin)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float = 1.0, section: list[int] | None = None,
+                 max_positions: int = 0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.scale, self.section, self.max_positions = scale, section, max_positions
+        self._table: torch.Tensor | None = None
+
+    def table(self) -> torch.Tensor:
+        if self._table is None:
+            positions = torch.arange(self.max_positions, dtype=torch.float32, device=self.inv_freq.device)
+            freqs = positions[:, None] * self.inv_freq
+            self._table = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.scale
+        return self._table
+
+    def forward(self, positions: torch.Tensor, max_seqlen: int, dtype: torch.dtype) -> "Rope":
+        """This batch's rotation: positions [num_tokens] (or [3, num_tokens] for M-RoPE), each below max_seqlen."""
+        return Rope(self, positions, dtype, kernel=self.section is None and max_seqlen <= self.max_positions)
+
+
+class Rope:
+    """One batch's rotary embedding for `rotate`. `kernel`: whether FlashInfer's kernel may take it (plain
+    positions inside the table); it does where layers/fused.py says the tensors fit, else the PyTorch path."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernel: bool):
+        self.rotary, self.positions, self.dtype, self.kernel = rotary, positions, dtype, kernel
+
+    @functools.cached_property
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.rotary
+        return rope_cos_sin(self.positions, r.inv_freq, r.scale, self.dtype, r.section)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [rows, heads, head_dim], k [rows, kv_heads, head_dim], turned by each token's position; rows past
+        the batch's tokens (padding for oneDNN's bucketed matmuls) come out zero. On CUDA q and k are
+        turned in place: pass tensors nothing else reads."""
+        if self.kernel and fused.rope_kernel_takes(q, k, self.positions):
+            fused.rope_inplace(q, k, self.positions, self.rotary.table())
+            return q, k
+        cos, sin = self.cos_sin
+        if q.shape[0] > cos.shape[0]:
+            cos, sin = (F.pad(t, (0, 0, 0, q.shape[0] - t.shape[0])) for t in (cos, sin))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -22,7 +22,7 @@ from tp_embed.layers.linear import (
 )
 from tp_embed.layers.norm import RMSNorm
 from tp_embed.layers.replicated import ReplicatedLinear
-from tp_embed.layers.rotary import apply_rotary, mrope_section, rope_cos_sin, rope_inv_freq
+from tp_embed.layers.rotary import Rope, RotaryEmbedding, mrope_section, rope_inv_freq
 from tp_embed.models.heads import classifier_head, token_rows_loader
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
@@ -41,8 +41,7 @@ class DecoderAttention(nn.Module):
             self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, attn: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[num_tokens, hidden], or [len(rows), hidden] for only those rows (the final layer, pruned)."""
         cfg = self.cfg
         num_tokens = x.shape[0]
@@ -52,7 +51,7 @@ class DecoderAttention(nn.Module):
         v = v.view(num_tokens, cfg.num_local_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rope.rotate(q, k)
         o = attn.run(q, k, v)  # [num_tokens, local_heads, head_dim]
         if rows is not None:
             o = o[rows]
@@ -85,7 +84,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = DecoderMLP(cfg)
 
-    def forward(self, x, residual, cos, sin, attn, rows=None):
+    def forward(self, x, residual, rope, attn, rows=None):
         """x: the previous layer's MLP output (the embeddings for the first layer, residual None); residual: the
         stream before it. Returns (this layer's MLP output, the stream before it): each add is fused with the
         norm after it (layers/fused.py), the last one with the model's final norm."""
@@ -93,7 +92,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add(x, residual)
-        h = self.self_attn(h, cos, sin, attn, rows)
+        h = self.self_attn(h, rope, attn, rows)
         h, residual = self.post_attention_layernorm.add(h, residual if rows is None else residual[rows])
         return self.mlp(h), residual
 
@@ -107,9 +106,8 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         # Qwen2-VL nests the decoder's rope parameters in text_config; text-only configs are their own
         text_config = cfg.hf_config.get_text_config()
-        inv_freq, self.rope_scale = rope_inv_freq(text_config, cfg.head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.mrope_section = mrope_section(text_config)
+        inv_freq, scale = rope_inv_freq(text_config, cfg.head_dim)
+        self.rotary = RotaryEmbedding(inv_freq, scale, mrope_section(text_config), cfg.max_input_tokens)
 
     def forward(self, batch: Batch, attention_backend: str = "auto",
                 inputs_embeds: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,13 +119,13 @@ class DecoderModel(nn.Module):
         Positions may be [3, num_tokens] for M-RoPE.
         """
         x = self.embed_tokens(batch.input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype, self.mrope_section)
+        rope = self.rotary(batch.positions, batch.max_seqlen, x.dtype)
         attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, self.cfg.num_local_heads,
                               self.cfg.num_local_kv_heads, self.cfg.head_dim, self.cfg.causal, x.dtype,
                               attention_backend)
         last, residual = len(self.layers) - 1, None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, attn, rows if i == last else None)
+            x, residual = layer(x, residual, rope, attn, rows if i == last else None)
         return self.norm.add(x, residual)[0] if residual is not None else self.norm(x)
 
 

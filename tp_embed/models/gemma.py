@@ -24,7 +24,7 @@ from tp_embed.errors import ConfigError
 from tp_embed.layers.attention import plan_attention
 from tp_embed.layers.linear import VocabParallelEmbedding
 from tp_embed.layers.norm import GemmaRMSNorm
-from tp_embed.layers.rotary import rope_cos_sin, rope_inv_freq
+from tp_embed.layers.rotary import RotaryEmbedding, rope_inv_freq
 from tp_embed.models import decoder
 from tp_embed.models.decoder import PACKED_MODULES, DecoderAttention, DecoderMLP
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
@@ -42,14 +42,14 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg)  # GeGLU: hidden_act gelu_pytorch_tanh
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x, residual, cos, sin, attn, rows=None):
+    def forward(self, x, residual, rope, attn, rows=None):
         """As the decoder's layer (decoder.DecoderLayer): (this layer's normed MLP output, the stream before it),
         each add fused with the norm after it."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add(x, residual)
-        h = self.post_attention_layernorm(self.self_attn(h, cos, sin, attn, rows))
+        h = self.post_attention_layernorm(self.self_attn(h, rope, attn, rows))
         h, residual = self.pre_feedforward_layernorm.add(h, residual if rows is None else residual[rows])
         return self.post_feedforward_layernorm(self.mlp(h)), residual
 
@@ -79,10 +79,9 @@ class GemmaModel(nn.Module):
         self.scale = hf.query_pre_attn_scalar ** -0.5
         self.softcap = hf.attn_logit_softcapping if hf.model_type == "gemma2" else None
         self.windows = {t: sliding_window(hf) if t == "sliding_attention" else None for t in set(self.layer_types)}
-        self.rope_scales = {}
-        for t in sorted(self.windows):
-            inv_freq, self.rope_scales[t] = rope_inv_freq(hf, cfg.head_dim, t)
-            self.register_buffer(f"{t}_inv_freq", inv_freq.float(), persistent=False)
+        self.rotary = nn.ModuleDict(
+            {t: RotaryEmbedding(*rope_inv_freq(hf, cfg.head_dim, t), max_positions=cfg.max_input_tokens)
+             for t in sorted(self.windows)})
 
     def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank; with `rows`,
@@ -92,13 +91,13 @@ class GemmaModel(nn.Module):
         x = x * self.normalizer.to(x.dtype)
         rope, attn = {}, {}
         for t, window in self.windows.items():
-            rope[t] = rope_cos_sin(batch.positions, getattr(self, f"{t}_inv_freq"), self.rope_scales[t], x.dtype)
+            rope[t] = self.rotary[t](batch.positions, batch.max_seqlen, x.dtype)
             attn[t] = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_kv_heads,
                                      cfg.head_dim, cfg.causal, x.dtype, attention_backend, scale=self.scale,
                                      window=window, softcap=self.softcap)
         last, residual = len(self.layers) - 1, None
         for i, (layer, t) in enumerate(zip(self.layers, self.layer_types)):
-            x, residual = layer(x, residual, *rope[t], attn[t], rows if i == last else None)
+            x, residual = layer(x, residual, rope[t], attn[t], rows if i == last else None)
         return self.norm.add(x, residual)[0] if residual is not None else self.norm(x)
 
 

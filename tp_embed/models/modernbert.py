@@ -28,7 +28,7 @@ from tp_embed.layers.linear import (
     bucket_rows,
     pad_rows,
 )
-from tp_embed.layers.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from tp_embed.layers.rotary import Rope, RotaryEmbedding, rope_inv_freq
 from tp_embed.layers.weights import replicated_weight_loader
 from tp_embed.models.spec import CheckpointLayout, ModelSpec
 
@@ -61,14 +61,14 @@ class ModernBertAttention(nn.Module):
         self.Wqkv = StackedColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, 3, bias=cfg.qkv_bias)
         self.Wo = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: Rope, attn: Attention,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """residual + Wo attn(x); with `rows`, for those rows only (the final layer, pruned)."""
         cfg = self.cfg
         num_rows = x.shape[0]
         # [num_rows, 3 * local_heads, head_dim]: the q heads, then the k heads, then the v heads
         q, k, v = self.Wqkv(x).view(num_rows, 3 * cfg.num_local_heads, cfg.head_dim).chunk(3, dim=1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rope.rotate(q, k)
         o = attn.run(q, k, v)  # [num_rows, local_heads, head_dim]
         if rows is not None:
             o, residual = o[rows], residual[rows]
@@ -98,9 +98,8 @@ class ModernBertLayer(nn.Module):
         self.mlp_norm = layer_norm(cfg)
         self.mlp = ModernBertMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn(self.attn_norm(x), x, cos, sin, attn, rows)
+    def forward(self, x: torch.Tensor, rope: Rope, attn: Attention, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn(self.attn_norm(x), x, rope, attn, rows)
         return self.mlp(self.mlp_norm(x), x)
 
 
@@ -116,9 +115,10 @@ class ModernBertModel(nn.Module):
         # the largest distance a key may be from its query, per kind
         self.window = {"full_attention": None, "sliding_attention": hf.local_attention // 2}
         self.kinds = tuple(kind for kind in ATTENTION_KINDS if kind in self.layer_types)
-        for kind in self.kinds:
-            inv_freq, _ = rope_inv_freq(hf, cfg.head_dim, kind)
-            self.register_buffer(f"{kind}_inv_freq", inv_freq.float(), persistent=False)
+        # ModernBERT's rope has no attention scaling
+        self.rotary = nn.ModuleDict({kind: RotaryEmbedding(rope_inv_freq(hf, cfg.head_dim, kind)[0],
+                                                           max_positions=cfg.max_input_tokens)
+                                     for kind in self.kinds})
 
     def forward(self, batch: Batch, attention_backend: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states [num_tokens, hidden] of the packed batch, whole on every rank; with `rows`,
@@ -133,10 +133,9 @@ class ModernBertModel(nn.Module):
             x = pad_rows(x, num_rows)
         plans = {}
         for kind in self.kinds:
-            cos, sin = rope_cos_sin(batch.positions, getattr(self, f"{kind}_inv_freq"), 1.0, x.dtype)
             attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_heads,
                                   cfg.head_dim, False, x.dtype, attention_backend, window=self.window[kind])
-            plans[kind] = (pad_rows(cos, num_rows), pad_rows(sin, num_rows), attn)
+            plans[kind] = (self.rotary[kind](batch.positions, batch.max_seqlen, x.dtype), attn)
         last = len(self.layers) - 1
         for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
             x = layer(x, *plans[kind], rows if i == last else None)
