@@ -57,7 +57,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "per sequence; auto takes the kernel when it builds, else torch with a warning "
                         "(default auto)")
     g.add_argument("--fused-ops", default="auto", choices=["auto", "off"],
-                   help="auto: the decoder families' RMSNorm, residual add + RMSNorm and gated activations run "
+                   help="auto: the decoder families' RMSNorm, residual add + RMSNorm, gated activations and rotary run "
                         "as FlashInfer's fused kernels on CUDA (bf16/fp16) where FlashInfer is installed; off: "
                         "PyTorch's ops everywhere (the reference, for comparison)")
     g.add_argument("--quantization", default=None, choices=["fp8"],
