@@ -12,7 +12,8 @@ Steps, each recorded even when a later one fails:
      for a random model with e5-mistral-7b's shape (bf16) at 128-, 512- and 2048-token inputs and a
      mixed-length batch, next to transformers' MistralModel (SDPA, padded batches) on the same GPU
   3. the sharded CUDA path at tp = 2 on one GPU (gloo): offline embeddings vs tp = 1, float32 and bf16
-  4. FlashInfer vs SDPA on random packed batches (the GPU-marked tests of tests/test_attention.py)
+  4. FlashInfer vs SDPA on random packed batches (the GPU-marked tests of tests/test_attention.py), and
+     captured CUDA graphs against the eager pass (tests/test_cuda_graphs.py's)
   4b. the newer families (MPNet, ModernBERT, EmbeddingGemma, Gemma 2 with head dim 64 so FlashInfer takes
      it) on tiny checkpoints: CUDA bf16 and float32 at tp = 1 and 2 against the CPU float32 path (which
      tests/test_mpnet.py, test_modernbert.py and test_gemma.py hold to sentence-transformers)
@@ -21,7 +22,7 @@ Steps, each recorded even when a later one fails:
   4d. --fused-ops auto (FlashInfer's RMSNorm, residual add + RMSNorm and gated activations) against off on
      the same shape, and tests/test_fused_ops.py's GPU tests
   4e. BERT base's shape over HTTP (bench_serving.py on the same host): requests/s and p50 at concurrency 1
-     and 64, one ~32-token input a request, base64 answers
+     and 64, one ~32-token input a request, base64 answers; eagerly and with --cuda-graph-max-tokens
   5. the batch budget: the startup profiling pass caps an oversized --max-batch-tokens to free memory,
      and a batch of the capped size runs
 It writes gpu_check.json and gpu_check.md to --out.
@@ -88,7 +89,8 @@ def step_environment() -> dict:
 
 def step_flashinfer_tests() -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           os.path.join(ROOT, "tests", "test_attention.py")],
+                           os.path.join(ROOT, "tests", "test_attention.py"),
+                           os.path.join(ROOT, "tests", "test_cuda_graphs.py")],
                           capture_output=True, text=True, cwd=ROOT)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     return {"returncode": proc.returncode, "summary": tail, "output": proc.stdout[-3000:] + proc.stderr[-2000:]}
@@ -296,15 +298,16 @@ def step_variants(work: str, variants: dict, test_file: str, batch_tokens: int, 
     return result
 
 
-def step_http_small(work: str, tokenizer_dir: str | None, num_requests: int = 4000, device: str = "cuda") -> dict:
+def step_http_small(work: str, tokenizer_dir: str | None, num_requests: int = 4000, device: str = "cuda",
+                    graph_tokens: int = 256) -> dict:
     """#22's small-model line: BERT base's shape (bge-base-en-v1.5, random bf16 weights) served on this GPU,
     bench_serving.py on the same host sending one ~32-token input a request with base64 answers, at
-    concurrency 1 and 64. `tokenizer_dir`: a real WordPiece tokenizer to copy in (all-MiniLM-L6-v2's: the
-    device has no hub); else the word-level benchmark tokenizer."""
+    concurrency 1 and 64; eagerly, then with CUDA graphs for batches of up to `graph_tokens` tokens (0: eager
+    only). `tokenizer_dir`: a real WordPiece tokenizer to copy in (all-MiniLM-L6-v2's: the device has no hub);
+    else the word-level benchmark tokenizer."""
     import shutil
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from server_utils import ServerProcess
     from shapes import write_shape
 
     shape = write_shape(os.path.join(work, "bge-base-shape"), "bge-base-en-v1.5")
@@ -315,8 +318,21 @@ def step_http_small(work: str, tokenizer_dir: str | None, num_requests: int = 40
     words = "24" if tokenizer_dir else "30"  # about 32 tokens with [CLS] and [SEP] either way
     result = {"tokenizer": "all-MiniLM-L6-v2's" if tokenizer_dir else "word-level"}
     args = ["--model-path", shape, "--load-format", "dummy", "--device", device]
-    with ServerProcess(args, nproc=1, log_path=os.path.join(work, "http_small.log")) as server:
-        out = os.path.join(work, "http_small.json")
+    runs = {"eager": args} | ({"cuda_graphs": args + ["--cuda-graph-max-tokens", str(graph_tokens)]}
+                             if graph_tokens else {})
+    for name, server_args in runs.items():
+        result[name] = serve_and_bench(work, name, server_args, num_requests, words)
+    result["points"] = result["eager"].get("points")  # the headline: eager, as before CUDA graphs
+    return result
+
+
+def serve_and_bench(work: str, name: str, server_args: list[str], num_requests: int, words: str) -> dict:
+    """One server (tests/server_utils.py) and bench_serving.py against it at concurrency 1 and 64."""
+    from server_utils import ServerProcess
+
+    result = {"args": server_args[4:]}
+    with ServerProcess(server_args, nproc=1, log_path=os.path.join(work, f"http_small_{name}.log")) as server:
+        out = os.path.join(work, f"http_small_{name}.json")
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_serving.py"), "--base-url",
                                server.url, "--inputs-per-request", "1", "--concurrency", "1,64", "--num-requests",
                                str(num_requests), "--synthetic-min-words", words, "--synthetic-max-words", words,
@@ -329,6 +345,8 @@ def step_http_small(work: str, tokenizer_dir: str | None, num_requests: int = 40
             result["points"] = [{k: p[k] for k in ("concurrency", "requests_per_s", "latency_p50_ms",
                                                    "latency_p99_ms", "num_errors", "client_cpu_percent")}
                                 for p in points]
+    with open(os.path.join(work, f"http_small_{name}.log")) as f:
+        result["server_log_tail"] = f.read()[-1500:]
     return result
 
 
@@ -399,12 +417,13 @@ def markdown(result: dict) -> str:
                           f"tokens/s vs {base} {r[f'{base}_tokens_per_s']:,.0f} ({r[f'{new}_speedup']:.2f}x); cosine "
                           f"to {base} min {r[f'{new}_min_cosine']:.5f}, median {r[f'{new}_median_cosine']:.5f}; "
                           f"tests: {r['tests']}"]
-    http = result.get("http_small")
-    if http and http.get("points"):
-        lines += ["", f"BERT base shape over HTTP, one ~32-token input a request, base64, {http['tokenizer']} "
-                      f"tokenizer: " + "; ".join(
-                          f"concurrency {p['concurrency']}: {p['requests_per_s']:,.0f} requests/s, p50 "
-                          f"{p['latency_p50_ms']:.1f} ms, {p['num_errors']} errors" for p in http["points"])]
+    http = result.get("http_small") or {}
+    for run in ("eager", "cuda_graphs"):
+        if http.get(run, {}).get("points"):
+            lines += ["", f"BERT base shape over HTTP ({run.replace('_', ' ')}), one ~32-token input a request, "
+                          f"base64, {http['tokenizer']} tokenizer: " + "; ".join(
+                              f"concurrency {p['concurrency']}: {p['requests_per_s']:,.0f} requests/s, p50 "
+                              f"{p['latency_p50_ms']:.2f} ms, {p['num_errors']} errors" for p in http[run]["points"])]
     families = result.get("families")
     if families:
         lines += ["", "Newer families, tiny checkpoints on CUDA vs the CPU float32 path: " + ", ".join(

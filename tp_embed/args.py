@@ -106,6 +106,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one packed batch (default 16384 on CUDA, 8192 on CPU)")
     g.add_argument("--max-batch-seqs", type=int, default=256, metavar="N",
                    help="most inputs in one packed batch (default 256)")
+    g.add_argument("--cuda-graph-max-tokens", type=int, default=0, metavar="TOKENS",
+                   help="capture CUDA graphs at startup for batches of up to this many tokens (powers of two "
+                        "from 16, and this size; a batch is padded to the next one) so short requests are not "
+                        "dominated by kernel launches; larger batches run eagerly. CUDA, tp 1, text embedding "
+                        "models whose attention runs in FlashInfer; elsewhere a warning and eager runs. "
+                        "Default 0: off")
     g.add_argument("--chat-template", default=None,
                    help="prompt template applied to every input; model-family specific: gme-qwen2-vl "
                         "for GME (Qwen2-VL), see docs/gme.md")
@@ -285,6 +291,8 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         p.error("--max-batch-tokens must be at least 1")
     if args.max_batch_seqs < 1:
         p.error("--max-batch-seqs must be at least 1")
+    if args.cuda_graph_max_tokens < 0:
+        p.error("--cuda-graph-max-tokens must be 0 (off) or more")
     if args.long_inputs is None:
         args.long_inputs = "truncate" if args.allow_auto_truncate else "error"
     elif args.allow_auto_truncate and args.long_inputs != "truncate":

@@ -264,6 +264,7 @@ class EngineConfig:
     long_inputs: str
     max_batch_tokens: int | None
     max_batch_seqs: int
+    cuda_graph_max_tokens: int
     chat_template: str | None
     min_pixels: int
     max_pixels: int

@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from tp_embed.batch import Batch
 from tp_embed.config import ConfigError, EngineConfig, SentenceTransformersConfig, resolve_dtype
+from tp_embed.cuda_graphs import CudaGraphs
 from tp_embed.distributed import all_reduce_min, init_distributed
 from tp_embed.kernels import load_cpu_attention
 from tp_embed.layers import fused
+from tp_embed.layers.attention import GraphUnsupported
 from tp_embed.layers.fp8 import fp8_supported
 from tp_embed.layers.fp8_checkpoint import checkpoint_fp8, quantization_config
 from tp_embed.layers.linear import onednn_available, prepack_linears, quantize_linears
@@ -91,6 +93,7 @@ class Engine:
         hf = self.config.hf_config
         self.matryoshka_dimensions = getattr(hf, "matryoshka_dimensions", None)
         self.is_matryoshka = bool(getattr(hf, "is_matryoshka", False))
+        self.graphs = self.capture_graphs()
         self.text = self.processor = None
         if self.is_driver:
             self.text = self.build_text(st)
@@ -176,6 +179,37 @@ class Engine:
                            "token); using %d", requested, free / 2 ** 30, per_token / 1024, budget)
         return budget
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> CudaGraphs | None:
+        """--cuda-graph-max-tokens: this rank's CUDA graphs for small batches (tp_embed/cuda_graphs.py), or None
+        (off, or the setup cannot take them: a warning says why)."""
+        max_tokens = min(self.options.cuda_graph_max_tokens, self.max_batch_tokens)
+        if not max_tokens:
+            return None
+        why = None
+        if self.device.type != "cuda":
+            why = "they need CUDA"
+        elif self.dist.tp_size > 1:
+            why = "they run at tp 1 only for now (an all-reduce inside a captured graph is not supported)"
+        elif self.pooling is None:
+            why = f"{self.model_name} pools its own outputs ({', '.join(self.tasks)})"
+        if why is None:
+            t0 = time.perf_counter()
+            try:
+                graphs = CudaGraphs(lambda batch: self.model(batch, self.attention_backend), self.device,
+                                    max_tokens, self.max_batch_seqs)
+            except GraphUnsupported as e:
+                why = str(e)
+            else:
+                if self.is_driver:
+                    logger.info("captured %d CUDA graphs for batches of up to %d tokens in %.1f s",
+                                len(graphs.graphs), graphs.max_tokens, time.perf_counter() - t0)
+                return graphs
+        if self.is_driver:
+            logger.warning("--cuda-graph-max-tokens %d: no CUDA graphs, every batch runs eagerly: %s",
+                           self.options.cuda_graph_max_tokens, why)
+        return None
+
     @property
     def embedding_size(self) -> int:
         """Size of the vectors this engine returns (before Matryoshka truncation): the model's, or that of its
@@ -196,16 +230,22 @@ class Engine:
 
     @torch.inference_mode()
     def forward_batch(self, batch: Batch) -> torch.Tensor:
-        """Rank 0: send `batch` (built on the CPU) to the workers, run this rank's shard, and pool.
+        """Rank 0: send `batch` (built on the CPU) to the workers, run this rank's shard (in a CUDA graph where
+        one takes it, tp_embed/cuda_graphs.py), and pool.
 
         Models that pool themselves (the family's default_pooling is None: CLIP's towers end in their own
         pooling and projection) return one vector per item; the others return hidden states that `pool`
         reduces per sequence.
         """
         send_batch(batch)
-        batch = batch.to(self.device)
-        rows = self.pooled_rows(batch)
-        out = self.run_model(batch, rows)
+        graph = None if self.graphs is None else self.graphs.find(batch)
+        if graph is not None:  # a CUDA graph runs it (no last-layer pruning): the device needs only the boundaries
+            out, rows = self.graphs.run(graph, batch), None
+            batch = Batch(batch.input_ids, batch.positions, batch.cu_seqlens.to(self.device), batch.max_seqlen)
+        else:
+            batch = batch.to(self.device)
+            rows = self.pooled_rows(batch)
+            out = self.run_model(batch, rows)
         if batch.output:  # a token head's row for every token
             return self.token_heads(out, batch.output).cpu()
         if self.pooling is None:

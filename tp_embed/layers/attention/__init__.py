@@ -10,7 +10,8 @@ sequence and never across sequences, on q [num_tokens, heads, head_dim] and k/v 
     out_i = softmax_j(score) v
 
 A model calls `plan_attention` once per batch and kind of layer (the per-batch work: FlashInfer's plan, the
-padded view's indices and mask) and `attn.run(q, k, v)` once per layer.
+padded view's indices and mask) and `attn.run(q, k, v)` once per layer. Inside `GraphPlans.recording()` /
+`.reusing()` (tp_embed/cuda_graphs.py) the plans are made for a CUDA graph and kept, to be planned again per replay.
 
 `select_attention` picks the backend:
 - CPU, backend "cpu_kernel" (the engine's choice when `tp_embed.kernels` compiled it), float32, head dim a
@@ -26,6 +27,8 @@ padded view's indices and mask) and `attn.run(q, k, v)` once per layer.
   view with a mask that keeps every sequence to itself.
 """
 
+import contextlib
+
 import torch
 
 from tp_embed.layers.attention.cpu_kernel import CpuKernelAttention
@@ -33,10 +36,66 @@ from tp_embed.layers.attention.flashinfer import FLASHINFER_HEAD_DIMS, FlashInfe
 from tp_embed.layers.attention.padded_sdpa import PaddedSdpaAttention
 from tp_embed.layers.attention.per_sequence import PerSequenceAttention
 
-__all__ = ["Attention", "CpuKernelAttention", "FlashInferAttention", "PaddedSdpaAttention", "PerSequenceAttention",
-           "flashinfer_available", "plan_attention", "select_attention"]
+__all__ = ["Attention", "CpuKernelAttention", "FlashInferAttention", "GraphPlans", "GraphUnsupported",
+           "PaddedSdpaAttention", "PerSequenceAttention", "flashinfer_available", "plan_attention", "select_attention"]
 
 Attention = CpuKernelAttention | FlashInferAttention | PaddedSdpaAttention | PerSequenceAttention
+_GRAPH_PLANS: list["GraphPlans | None"] = [None]  # the plans being recorded or reused, while a graph is made
+
+
+class GraphUnsupported(Exception):
+    """The model asked for attention a CUDA graph cannot hold (a backend other than FlashInfer, a bias)."""
+
+
+class GraphPlans:
+    """The attention plans of one CUDA graph. While the model runs once eagerly on the graph's static batch
+    (`recording`), every `plan_attention` call makes its plan here, FlashInfer's in its CUDA-graph mode with
+    `slots` sequences; while the graph is captured (`reusing`) the same calls get the same plans back, in order,
+    with no host work; before each replay `replan` plans them all for the new batch (host work, outside the graph).
+    `any_backend`: keep whichever backend is selected (the CPU tests' stand-in for a graph), not FlashInfer only."""
+
+    def __init__(self, slots: int, device: torch.device, any_backend: bool = False):
+        self.slots, self.device, self.any_backend = slots, device, any_backend
+        self.plans: list = []
+        self.next: int | None = None  # reusing: the index of the plan the next call gets
+
+    @contextlib.contextmanager
+    def recording(self):
+        _GRAPH_PLANS[0] = self
+        try:
+            yield
+        finally:
+            _GRAPH_PLANS[0] = None
+
+    @contextlib.contextmanager
+    def reusing(self):
+        self.next = 0
+        with self.recording():
+            yield
+        self.next = None
+
+    def plan(self, cls: type, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor, max_seqlen: int,
+             rel_bias: torch.Tensor | None) -> Attention:
+        if self.next is not None:
+            attn = self.plans[self.next]
+            self.next += 1
+            return attn
+        if rel_bias is not None:
+            raise GraphUnsupported("a relative position bias is computed per batch")
+        if cls is FlashInferAttention:
+            attn = FlashInferAttention(*args, **kwargs, graph_slots=self.slots, graph_device=self.device)
+        elif self.any_backend:
+            attn = cls(*args, **kwargs)
+        else:
+            raise GraphUnsupported(f"attention runs in {cls.__name__}, not FlashInfer")
+        attn.plan(cu_seqlens, max_seqlen)
+        self.plans.append(attn)
+        return attn
+
+    def replan(self, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+        """Every plan for a new batch: cu_seqlens [slots + 1] on the CPU, the graph's sequences."""
+        for attn in self.plans:
+            attn.plan(cu_seqlens, max_seqlen)
 
 
 def select_attention(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str = "auto", *,
@@ -75,8 +134,13 @@ def plan_attention(cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, nu
                          f"not {list(rel_bias.shape)}")
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0, not {window}")
-    cls = select_attention(cu_seqlens.device, dtype, head_dim, backend, bias=rel_bias is not None,
+    recorder = _GRAPH_PLANS[0]
+    device = cu_seqlens.device if recorder is None else recorder.device
+    cls = select_attention(device, dtype, head_dim, backend, bias=rel_bias is not None,
                            two_sided_window=window is not None and not causal)
-    attn = cls(num_heads, num_kv_heads, head_dim, causal, dtype, scale=scale, window=window, softcap=softcap)
+    args, kwargs = (num_heads, num_kv_heads, head_dim, causal, dtype), dict(scale=scale, window=window, softcap=softcap)
+    if recorder is not None:
+        return recorder.plan(cls, args, kwargs, cu_seqlens, max_seqlen, rel_bias)
+    attn = cls(*args, **kwargs)
     attn.plan(cu_seqlens, max_seqlen, rel_bias)
     return attn
