@@ -326,25 +326,64 @@ def step_http_small(work: str, tokenizer_dir: str | None, num_requests: int = 40
     return result
 
 
+STAGE_METRICS = {"request": "tp_embed_request_latency_seconds", "tokenize": "tp_embed_tokenize_seconds",
+                 "queue_and_forward": "tp_embed_queue_seconds", "batch_forward": "tp_embed_batch_forward_seconds",
+                 "batch_inputs": "tp_embed_batch_inputs"}
+
+
+def metric_totals(url: str) -> dict:
+    """(sum, count) of each STAGE_METRICS histogram from the server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    totals = {}
+    for stage, name in STAGE_METRICS.items():
+        values = {}
+        for line in text.splitlines():
+            for part in ("sum", "count"):
+                if line.startswith(f"{name}_{part} "):
+                    values[part] = float(line.split()[1])
+        totals[stage] = (values.get("sum", 0.0), values.get("count", 0.0))
+    return totals
+
+
+def stage_means(before: dict, after: dict) -> dict:
+    """Where a request's time went between two /metrics snapshots: mean milliseconds per request (request,
+    tokenize, queue_and_forward: admission to the last row), per batch (batch_forward), and inputs per batch."""
+    means = {}
+    for stage in STAGE_METRICS:
+        total, count = (a - b for a, b in zip(after[stage], before[stage]))
+        if count:
+            means[stage if stage == "batch_inputs" else f"{stage}_ms"] = (
+                total / count if stage == "batch_inputs" else 1000 * total / count)
+    return means
+
+
 def serve_and_bench(work: str, name: str, server_args: list[str], num_requests: int, words: str) -> dict:
-    """One server (tests/server_utils.py) and bench_serving.py against it at concurrency 1 and 64."""
+    """One server (tests/server_utils.py) and bench_serving.py against it at concurrency 1, then 64, with the
+    server's stage times (its /metrics histograms) over each."""
     from server_utils import ServerProcess
 
-    result = {"args": server_args[4:]}
+    result = {"args": server_args[4:], "points": [], "bench_output": ""}
     with ServerProcess(server_args, nproc=1, log_path=os.path.join(work, f"http_small_{name}.log")) as server:
-        out = os.path.join(work, f"http_small_{name}.json")
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_serving.py"), "--base-url",
-                               server.url, "--inputs-per-request", "1", "--concurrency", "1,64", "--num-requests",
-                               str(num_requests), "--synthetic-min-words", words, "--synthetic-max-words", words,
-                               "--encoding-format", "base64", "--no-progress", "--output-json", out],
-                              capture_output=True, text=True, cwd=ROOT)
-        result["bench_output"] = proc.stdout[-2000:] + proc.stderr[-1000:]
-        if proc.returncode == 0:
+        for concurrency in (1, 64):
+            out = os.path.join(work, f"http_small_{name}_{concurrency}.json")
+            before = metric_totals(server.url)
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_serving.py"), "--base-url",
+                                   server.url, "--inputs-per-request", "1", "--concurrency", str(concurrency),
+                                   "--num-requests", str(num_requests), "--synthetic-min-words", words,
+                                   "--synthetic-max-words", words, "--encoding-format", "base64", "--no-progress",
+                                   "--output-json", out], capture_output=True, text=True, cwd=ROOT)
+            result["bench_output"] += proc.stdout[-1500:] + proc.stderr[-800:]
+            if proc.returncode != 0:
+                continue
             with open(out) as f:
-                points = json.load(f)["points"]
-            result["points"] = [{k: p[k] for k in ("concurrency", "requests_per_s", "latency_p50_ms",
-                                                   "latency_p99_ms", "num_errors", "client_cpu_percent")}
-                                for p in points]
+                point = json.load(f)["points"][0]
+            point = {k: point[k] for k in ("concurrency", "requests_per_s", "latency_p50_ms", "latency_p99_ms",
+                                           "num_errors", "client_cpu_percent")}
+            point["server_stages"] = stage_means(before, metric_totals(server.url))
+            result["points"].append(point)
     with open(os.path.join(work, f"http_small_{name}.log")) as f:
         result["server_log_tail"] = f.read()[-1500:]
     return result
@@ -423,7 +462,9 @@ def markdown(result: dict) -> str:
             lines += ["", f"BERT base shape over HTTP ({run.replace('_', ' ')}), one ~32-token input a request, "
                           f"base64, {http['tokenizer']} tokenizer: " + "; ".join(
                               f"concurrency {p['concurrency']}: {p['requests_per_s']:,.0f} requests/s, p50 "
-                              f"{p['latency_p50_ms']:.2f} ms, {p['num_errors']} errors" for p in http[run]["points"])]
+                              f"{p['latency_p50_ms']:.2f} ms, {p['num_errors']} errors; server means: "
+                              + ", ".join(f"{k} {v:.2f}" for k, v in p.get("server_stages", {}).items())
+                              for p in http[run]["points"])]
     families = result.get("families")
     if families:
         lines += ["", "Newer families, tiny checkpoints on CUDA vs the CPU float32 path: " + ", ".join(
