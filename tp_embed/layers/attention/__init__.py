@@ -32,7 +32,12 @@ import contextlib
 import torch
 
 from tp_embed.layers.attention.cpu_kernel import CpuKernelAttention
-from tp_embed.layers.attention.flashinfer import FLASHINFER_HEAD_DIMS, FlashInferAttention, flashinfer_available
+from tp_embed.layers.attention.flashinfer import (
+    FLASHINFER_HEAD_DIMS,
+    FlashInferAttention,
+    flashinfer_available,
+    for_cuda_graph,
+)
 from tp_embed.layers.attention.padded_sdpa import PaddedSdpaAttention
 from tp_embed.layers.attention.per_sequence import PerSequenceAttention
 
@@ -83,7 +88,7 @@ class GraphPlans:
         if rel_bias is not None:
             raise GraphUnsupported("a relative position bias is computed per batch")
         if cls is FlashInferAttention:
-            attn = FlashInferAttention(*args, **kwargs, graph_slots=self.slots, graph_device=self.device)
+            attn = for_cuda_graph(FlashInferAttention(*args, **kwargs), self.slots, self.device)
         elif self.any_backend:
             attn = cls(*args, **kwargs)
         else:

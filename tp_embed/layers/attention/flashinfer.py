@@ -1,7 +1,9 @@
 """FlashInfer's ragged prefill (BatchPrefillWithRaggedKVCacheWrapper) on CUDA: fp16/bf16 and the head dims
 it was built for. `plan` hands the batch's boundaries to the kernel once per batch; `run` is one call. In a CUDA
 graph (tp_embed/cuda_graphs.py) the wrapper is made once, in FlashInfer's CUDA-graph mode: a fixed number of
-sequences, boundaries in fixed buffers, FA2 without split-KV (so every replan launches the kernels captured).
+sequences, boundaries in fixed buffers, no split-KV; both its schedulers (FA2, and FA3 on Hopper) then size
+their work lists from the graph's token and sequence counts alone, so every replan fits the kernels captured.
+The backend is FlashInfer's choice, as eagerly, so a graph needs no kernel of its own compiled.
 It takes a causal sliding window (`window_left`, Gemma 2) and logit soft-capping; a window on both sides or a
 relative position bias goes to padded SDPA instead (`select_attention`)."""
 
@@ -29,8 +31,7 @@ class FlashInferAttention:
     """softmax(q k^T * scale + mask) v per sequence, in FlashInfer's ragged prefill kernel."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool, dtype: torch.dtype,
-                 scale: float | None = None, window: int | None = None, softcap: float | None = None,
-                 graph_slots: int | None = None, graph_device: torch.device | None = None):
+                 scale: float | None = None, window: int | None = None, softcap: float | None = None):
         if window is not None and not causal:
             raise ValueError("FlashInfer's window_left limits the left side only: a window on both sides needs "
                              "another backend")
@@ -39,14 +40,7 @@ class FlashInferAttention:
         self.window, self.softcap = window, softcap
         self.dtype = dtype
         self.scale = scale if scale is not None else head_dim ** -0.5
-        self.wrapper, self.graph = None, graph_slots is not None
-        if self.graph:
-            import flashinfer
-
-            buffers = [torch.zeros(graph_slots + 1, dtype=torch.int32, device=graph_device) for _ in range(2)]
-            self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
-                workspace(graph_device), "NHD", use_cuda_graph=True, qo_indptr_buf=buffers[0],
-                kv_indptr_buf=buffers[1], backend="fa2")
+        self.wrapper, self.graph = None, False  # graph: made for a CUDA graph by `for_cuda_graph`
 
     def plan(self, cu_seqlens: torch.Tensor, max_seqlen: int, rel_bias: torch.Tensor | None = None) -> None:
         import flashinfer
@@ -66,3 +60,15 @@ class FlashInferAttention:
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [num_tokens, heads, head_dim], k/v [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim]."""
         return self.wrapper.run(q, k, v)
+
+
+def for_cuda_graph(attn: FlashInferAttention, slots: int, device: torch.device) -> FlashInferAttention:
+    """`attn` with one wrapper for good, in FlashInfer's CUDA-graph mode for `slots` sequences: `plan` then
+    writes each batch's boundaries into the wrapper's fixed buffers instead of making a new wrapper."""
+    import flashinfer
+
+    buffers = [torch.zeros(slots + 1, dtype=torch.int32, device=device) for _ in range(2)]
+    attn.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
+        workspace(device), "NHD", use_cuda_graph=True, qo_indptr_buf=buffers[0], kv_indptr_buf=buffers[1])
+    attn.graph = True
+    return attn
