@@ -55,6 +55,17 @@ def assert_sparse_equal(got: list[dict], expected: list[dict]) -> None:
         assert np.abs(np.array(g["values"]) - np.array([e[k] for k in sorted(e)])).max(initial=0) < 1e-5, i
 
 
+def assert_answers(kinds: list, results: list, reference: dict) -> None:
+    """Each request's answer (dense for kind None, else its `output`) against FlagEmbedding's."""
+    for kind, result in zip(kinds, results):
+        if kind is None:
+            assert np.abs(np.array(result, dtype=np.float32) - reference["dense"]).max() < 1e-5
+        elif kind == "sparse":
+            assert_sparse_equal(result, reference["sparse"])
+        else:
+            assert all(np.abs(np.array(g) - e).max() < 1e-5 for g, e in zip(result, reference["colbert"]))
+
+
 @pytest.fixture(scope="module")
 def job_reference(family_jobs):
     return tiny_m3.flag_reference(family_jobs.checkpoints["bge_m3"], JOB_TEXTS)
@@ -113,13 +124,21 @@ def test_requests_of_the_three_kinds_at_once(m3, reference):
     kinds = [None, "sparse", "colbert"] * 4
     with concurrent.futures.ThreadPoolExecutor(len(kinds)) as pool:
         results = list(pool.map(lambda kind: embed(m3, kind), kinds))
-    for kind, result in zip(kinds, results):
-        if kind is None:
-            assert np.abs(np.array(result, dtype=np.float32) - reference["dense"]).max() < 1e-5
-        elif kind == "sparse":
-            assert_sparse_equal(result, reference["sparse"])
-        else:
-            assert all(np.abs(np.array(g) - e).max() < 1e-5 for g, e in zip(result, reference["colbert"]))
+    assert_answers(kinds, results, reference)
+
+
+def test_data_parallel_groups_serve_the_token_heads(m3, reference, tmp_path):
+    """--dp 2 --tp 1: a group-1 leader applies the sparse and ColBERT heads itself and sends their rows back;
+    concurrent requests of the three kinds, in batches of two inputs, get the same answers as at tp 2."""
+    args = ["--model-path", m3.model_dir, "--dp", "2", "--max-batch-tokens", str(BATCH_TOKENS),
+            "--max-batch-seqs", "2"]
+    kinds = [None, "sparse", "colbert"] * 3
+    with ServerProcess(args, nproc=2, log_path=tmp_path / "server.log") as server:
+        with concurrent.futures.ThreadPoolExecutor(len(kinds)) as pool:
+            results = list(pool.map(lambda kind: embed(server, kind), kinds))
+        batches = [server.metric("tp_embed_group_batches_total", f'group="{g}"') for g in range(2)]
+    assert all(n > 0 for n in batches), f"batches per group: {batches}"
+    assert_answers(kinds, results, reference)
 
 
 def by_hand(model_dir: str, windows: list[list[int]]) -> tuple[dict, np.ndarray]:
