@@ -3,10 +3,15 @@ so longer inputs are refused with both numbers named (or truncated when asked), 
 CUDA the budget is also capped by a profiling pass against free memory (fit_batch_tokens)."""
 
 import numpy as np
+import pytest
 
 import tiny_models as tm
-from dist_utils import cosines, run, torchrun_cmd
-from tp_embed.engine import fit_batch_tokens
+from dist_utils import cosines
+from tp_embed import offline
+from tp_embed.args import parse_with_config
+from tp_embed.config import EngineConfig
+from tp_embed.engine import Engine, fit_batch_tokens
+from tp_embed.text import InputTooLongError
 
 
 def test_fit_batch_tokens():
@@ -17,25 +22,22 @@ def test_fit_batch_tokens():
 
 
 def test_small_batch_budget(tmp_path):
+    """The offline entry point's `compute` in this process (the command itself is tested in test_offline.py)."""
     model = tm.make_mistral(str(tmp_path / "m"))
     texts = ["the cat", "a somewhat longer text of several words here", "x"]
-    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
 
-    def offline(*flags):
-        return run(torchrun_cmd(1, "-m", "tp_embed.offline", "--model-path", model, "--input", str(tmp_path / "t.txt"),
-                                "--output", str(tmp_path / "o.npy"), *flags))
+    def offline_compute(*flags) -> np.ndarray:
+        args = parse_with_config(offline.build_parser(), ["--model-path", model, "--input", "-", "--output", "-",
+                                                          "--no-progress", *flags])
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
+        return offline.compute(engine, args, texts, [engine]).numpy()
 
-    proc = offline("--max-batch-tokens", "8")
-    assert proc.returncode != 0
-    assert "context length of 8 tokens" in proc.stderr
-    proc = offline("--max-batch-tokens", "8", "--allow-auto-truncate")
-    assert proc.returncode == 0, proc.stderr
-    truncated = np.load(tmp_path / "o.npy")
+    with pytest.raises(InputTooLongError, match="context length of 8 tokens"):
+        offline_compute("--max-batch-tokens", "8")
+    truncated = offline_compute("--max-batch-tokens", "8", "--allow-auto-truncate")
     assert truncated.shape[0] == 3
     # the short texts fit one batch each and equal the reference; the long one was cut to 8 tokens
     ref = tm.st_encode(model, texts)
     cos = cosines(truncated, ref)
     assert cos[0] >= 0.99999 and cos[2] >= 0.99999 and cos[1] < 0.999
-    proc = offline("--max-batch-tokens", "64")
-    assert proc.returncode == 0, proc.stderr
-    assert cosines(np.load(tmp_path / "o.npy"), ref).min() >= 0.99999
+    assert cosines(offline_compute("--max-batch-tokens", "64"), ref).min() >= 0.99999

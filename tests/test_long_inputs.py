@@ -11,7 +11,10 @@ import torch
 
 import tiny_models as tm
 from dist_utils import run
-from tp_embed.config import SentenceTransformersConfig
+from tp_embed import offline
+from tp_embed.args import parse_with_config
+from tp_embed.config import EngineConfig, SentenceTransformersConfig
+from tp_embed.engine import Engine
 from tp_embed.pooling import combine_windows
 from tp_embed.text import InputTooLongError, LengthPolicy, TextProcessor
 
@@ -155,13 +158,20 @@ def test_chunking_at_tp_2_over_http(minilm, minilm_text, chunk_texts):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
 def test_chunking_at_tp_1_offline(minilm_dir, minilm_text, chunk_texts, tmp_path, pooling):
-    """The offline entry point with --long-inputs chunk and a 64-token context: every pooling's combination."""
+    """The offline entry point with --long-inputs chunk and a 64-token context: every pooling's combination;
+    mean through the command, cls and last through its `compute` in this process (the same code, less startup)."""
     texts_file, out = tmp_path / "texts.txt", tmp_path / "out.npy"
     texts = [t.replace("\n", " ") for t in chunk_texts]
     texts_file.write_text("\n".join(texts) + "\n")
-    proc = run([sys.executable, "-m", "tp_embed.offline", "--no-progress", "--input", str(texts_file), "--output",
-                str(out), "--long-inputs", "chunk", "--context-length", "64", "--pooling", pooling])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--no-progress", "--input", str(texts_file), "--output", str(out), "--long-inputs", "chunk",
+             "--context-length", "64", "--pooling", pooling]
+    if pooling == "mean":
+        proc = run([sys.executable, "-m", "tp_embed.offline", *flags])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        args = parse_with_config(offline.build_parser(), flags)
+        engine = Engine(EngineConfig.from_args(args), show_progress=False)
+        np.save(out, offline.compute(engine, args, texts, [engine]).numpy())
     text = TextProcessor(minilm_dir, SentenceTransformersConfig.read(minilm_dir), 512, context_length=64)
     windows = text.encode_windows(texts, LengthPolicy("chunk"))
     assert [len(w) for w in windows][0] == -(-(len(text.tokenizer(texts[0])["input_ids"]) - 2) // 62)
