@@ -200,6 +200,8 @@ class Engine:
                                     max_tokens, self.max_batch_seqs)
             except GraphUnsupported as e:
                 why = str(e)
+            except RuntimeError as e:  # a capture CUDA refused: serve eagerly rather than not at all
+                why = f"the capture failed: {e}"
             else:
                 if self.is_driver:
                     logger.info("captured %d CUDA graphs for batches of up to %d tokens in %.1f s",
