@@ -32,6 +32,15 @@ class APIError(Exception):
         return json.dumps({"error": error}).encode()
 
 
+def request_prompt(text, name: str | None) -> str:
+    """The prompt a request's `prompt_name` names (the model's default for None) from TextProcessor `text`; an
+    unknown name is a 400 on prompt_name."""
+    try:
+        return text.prompt(name)
+    except KeyError as e:
+        raise APIError(400, e.args[0], param="prompt_name") from None
+
+
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings. `normalize`, `truncate`, `long_inputs`, `output` and `prompt_name` are tp-embed extensions;
     `truncate_prompt_tokens` and `truncation_side` are vLLM's."""

@@ -55,6 +55,7 @@ from tp_embed.openai_protocol import (
     parse_json_body,
     render_embeddings,
     render_outputs,
+    request_prompt,
 )
 from tp_embed.pooling import MatryoshkaError, check_dimensions, combine_windows, truncate_and_normalize
 from tp_embed.scheduler import EngineDeadError, Job, QueueFullError, Scheduler, ShuttingDownError
@@ -341,11 +342,7 @@ class EmbeddingServer:
         texts, sequences = parse_input(req.input)
         try:
             if texts is not None:
-                try:
-                    prompt = text.prompt(req.prompt_name)
-                except KeyError as e:
-                    raise APIError(400, e.args[0], param="prompt_name") from None
-                windows = text.encode_windows(texts, policy, prompt)
+                windows = text.encode_windows(texts, policy, request_prompt(text, req.prompt_name))
                 for i, ids in enumerate(windows):
                     if not ids[0]:
                         raise APIError(400, f"input[{i}] has no tokens after tokenization", param="input")

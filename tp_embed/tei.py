@@ -25,7 +25,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
-from tp_embed.openai_protocol import APIError, EmbeddingRequest, check_num_inputs, check_text, parse_json_body
+from tp_embed.openai_protocol import (
+    APIError,
+    EmbeddingRequest,
+    check_num_inputs,
+    check_text,
+    parse_json_body,
+    request_prompt,
+)
 from tp_embed.scoring import PreparedTask, ScoringModel, check_task, parse_documents, score_pairs
 from tp_embed.text import TextProcessor
 
@@ -191,10 +198,7 @@ def tokenize(body: bytes, text: TextProcessor) -> list[list[dict]]:
         if not t:
             raise APIError(400, f"{where} is an empty string", param="inputs")
         check_text(t, where, param="inputs")
-    try:
-        prompt = text.prompt(req.prompt_name)
-    except KeyError as e:
-        raise APIError(400, e.args[0], param="prompt_name") from None
+    prompt = request_prompt(text, req.prompt_name)
     if not text.tokenizer.is_fast:
         raise APIError(400, "this model has no fast tokenizer, which token offsets need; POST /tokenize "
                             "{\"prompt\": ...} gives the token ids", param="inputs")
