@@ -563,11 +563,14 @@ class EmbeddingServer:
             return await self.tei_embed_sparse(request)
         return await self.tei_embed(request)
 
-    async def in_tei_shape(self, request: Request, answer) -> Response:
-        """await answer(), its APIError answered in text-embeddings-inference's error shape (tei.error_body)."""
+    async def in_tei_shape(self, request: Request, answer, when=lambda: True) -> Response:
+        """await answer(), its APIError answered in text-embeddings-inference's error shape (tei.error_body)
+        where when() says so once it is raised (routes that take either API's body), else raised on."""
         try:
             return await answer()
         except APIError as error:
+            if not when():
+                raise
             return error_response(error, self.metrics, request, tei.error_body(error))
 
     async def tei_embed_sparse(self, request: Request):
@@ -656,12 +659,7 @@ class EmbeddingServer:
             shape["tei"] = True
             return tei.prepare_rerank(body, *args)
 
-        try:
-            return await self.run_task(request, prepare)
-        except APIError as error:
-            if "tei" not in shape:
-                raise
-            return error_response(error, self.metrics, request, tei.error_body(error))
+        return await self.in_tei_shape(request, lambda: self.run_task(request, prepare), when=lambda: "tei" in shape)
 
     async def score(self, request: Request):
         return await self.run_task(request, prepare_score)
@@ -700,20 +698,18 @@ class EmbeddingServer:
             shape["tei"] = True
             return tei.tokenize(body, self._local.text)
 
-        try:
+        async def answer() -> Response:
             with trace.stage("tokenize"):
                 result = await self.loop.run_in_executor(self.pool, prepare)
-        except APIError as error:
-            if "tei" not in shape:
-                raise
-            return error_response(error, self.metrics, request, tei.error_body(error))
-        if "tei" in shape:
-            counts = [len(tokens) for tokens in result]
-        else:
-            counts = result["count"] if isinstance(result["count"], list) else [result["count"]]
-        trace.note(len(counts), sum(counts))
-        with trace.stage("render"):
-            return json_response(result)
+            if "tei" in shape:
+                counts = [len(tokens) for tokens in result]
+            else:
+                counts = result["count"] if isinstance(result["count"], list) else [result["count"]]
+            trace.note(len(counts), sum(counts))
+            with trace.stage("render"):
+                return json_response(result)
+
+        return await self.in_tei_shape(request, answer, when=lambda: "tei" in shape)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "tp-embed",
