@@ -126,13 +126,16 @@ def test_captured_graphs_match_eager_on_cuda(name, tmp_path):
     build = {"qwen3": lambda p: tm.make_qwen3(p, head_dim=64),
              "bert": lambda p: tm.make_bert(p, hidden_size=128, num_attention_heads=2)}[name]
     path = build(str(tmp_path / name))
-    eager = make_engine("--model-path", path, "--device", "cuda")
-    graphed = make_engine("--model-path", path, "--device", "cuda", "--cuda-graph-max-tokens", "128")
+    # batches of at most 128 tokens, so the engine's own batches all run in graphs
+    flags = ["--model-path", path, "--device", "cuda", "--max-batch-tokens", "128"]
+    eager = make_engine(*flags)
+    graphed = make_engine(*flags, "--cuda-graph-max-tokens", "128")
     assert graphed.graphs is not None and [g.size for g in graphed.graphs.graphs] == [16, 32, 64, 128]
     seqs = eager.text.encode(tm.MIXED_TEXTS, truncate=True)
-    for sequences in ([seqs[0]], [s[:9] for s in seqs[:6]], [list(range(5, 133))], seqs[:3]):
+    for sequences in ([seqs[0]], [s[:9] for s in seqs[:6]], [list(range(5, 133))], [s[:40] for s in seqs[:3]]):
         batch = Batch.from_token_ids(sequences)
         graph = graphed.graphs.find(batch)
+        assert graph is not None
         got = graphed.graphs.run(graph, batch).float()
         with torch.inference_mode():
             want = graphed.model(batch.to("cuda"), graphed.attention_backend).float()
