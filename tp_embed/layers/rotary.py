@@ -67,8 +67,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class RotaryEmbedding(nn.Module):
     """A model's rotary frequencies inv_freq [head_dim/2] with their cos/sin scale and, for M-RoPE, the section
-    (`rope_cos_sin`); `max_positions` bounds the per-position table FlashInfer's kernel reads (built on first
-    use, float32 [max_positions, head_dim]: cos | sin)."""
+    (`rope_cos_sin`); `max_positions` bounds the per-position table FlashInfer's kernel reads (float32
+    [max_positions, head_dim]: cos | sin; built with the model on CUDA, on first use elsewhere)."""
 
     def __init__(self, inv_freq: torch.Tensor, scale: float = 1.0, section: list[int] | None = None,
                  max_positions: int = 0):
@@ -76,6 +76,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.scale, self.section, self.max_positions = scale, section, max_positions
         self._table: torch.Tensor | None = None
+        if self.inv_freq.is_cuda and section is None:
+            self.table()  # now, not in the engine's profiling pass, which would count it as activations
 
     def table(self) -> torch.Tensor:
         if self._table is None:
