@@ -8,7 +8,11 @@
 #   .device/tokenizer/  all-MiniLM-L6-v2's tokenizer files, for gpu_check's http step (BERT base's shape)
 # Then, one device call with `carry: [".device"]`:
 #   pip install -q --no-index --no-deps .device/wheels/*.whl && python -c "import flashinfer, fastapi, uvicorn,
-#   pydantic, prometheus_client" && python benchmarks/gpu_check.py --out $OUT/gpu --http-tokenizer .device/tokenizer
+#   pydantic, prometheus_client" && timeout 560 python benchmarks/gpu_check.py --out $OUT/gpu \
+#   --http-tokenizer .device/tokenizer --skip tp2,families,budget
+# (#22's lines first: throughput/MFU, FlashInfer and CUDA-graph tests, FP8, fused ops, HTTP with and without
+# graphs; tp2, families and budget ran on an earlier GPU and take ~3 of the 10 minutes one call may use.
+# gpu_check.json is rewritten after every step, so a timeout keeps the steps that finished.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
