@@ -1,8 +1,8 @@
-"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma, SPLADE, bge-m3, FP8 checkpoints) and ONE
-torchrun job per tp that embeds all of them: torch and gloo start three times instead of a dozen.
-tests/test_mpnet.py, test_modernbert.py, test_gemma.py, test_splade.py, test_bge_m3.py and test_fp8_checkpoint.py
-read their models' outputs from the session fixture `family_jobs` (tests/conftest.py); each file's docstring
-says what its models are for."""
+"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma, SPLADE, bge-m3, FP8 checkpoints), the real
+all-MiniLM-L6-v2, and ONE torchrun job per tp that embeds all of them: torch and gloo start three times instead of
+a dozen. tests/test_mpnet.py, test_modernbert.py, test_gemma.py, test_splade.py, test_bge_m3.py,
+test_fp8_checkpoint.py and test_minilm.py read their models' outputs from the session fixture `family_jobs`
+(tests/conftest.py); each file's docstring says what its models are for."""
 
 from dataclasses import dataclass
 
@@ -20,6 +20,16 @@ TEXTS = tm.MIXED_TEXTS
 MPNET_TEXTS = tm.MIXED_TEXTS + [tm.LONG_TEXT]  # cut to 256 tokens: distances past the bias's 128
 MODERNBERT_FULL_WINDOW = 1024  # local_attention that covers every text
 SPLADE_TEXTS = tm.MIXED_TEXTS + [tm.LONG_TEXT]  # cut to 256 tokens
+# all-MiniLM-L6-v2 (tests/test_minilm.py): scripts, emoji, an empty text, and texts past its 256 tokens
+MINILM_TEXTS = tm.MIXED_TEXTS + [
+    "A man is eating food.", "A man is riding a horse.", "The new movie is awesome!",
+    "Die Katze sitzt auf der Matte.", "Le renard brun rapide saute par-dessus le chien paresseux.",
+    "El aprendizaje automático transforma la industria.", "Это предложение на русском языке.",
+    "これは日本語の文です。", "这是一个中文句子。", "이것은 한국어 문장입니다.", "Ελληνικά γράμματα αβγ",
+    "emoji 🚀🔥 and symbols ∑∫√", "", " ".join(["long"] * 400), tm.LONG_TEXT * 3,
+    "Tabs\tand\nnewlines\r\nmixed", "UPPER CASE TEXT", "a" * 1000,
+]
+MINILM = {"name": "minilm", "flags": ["--truncate"], "texts": MINILM_TEXTS}  # no --model-path: the embedded default
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ def model_specs(ck: dict, tp: int) -> list[dict]:
         model("mistral_fp8", "--quantization", "fp8", path="mistral"),
         model("mistral_ct"),
         model("mistral_fbgemm"),
+        MINILM,
     ]
     if tp == 1:  # ModernBERT with PyTorch's attention (the others take the compiled CPU kernel where it builds)
         specs.append(model("gte_torch", "--cpu-attention", "torch", path="gte"))

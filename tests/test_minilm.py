@@ -1,22 +1,15 @@
-"""The real all-MiniLM-L6-v2 (the embedded default model) at tp = 1, 2 and 3 (12 heads) against
+"""The real all-MiniLM-L6-v2 (the embedded default model) at tp = 1, 2, 3 (12 heads, an odd split) and 4 against
 SentenceTransformer(...).encode(normalize_embeddings=True), with truncation of texts longer than its
-max_seq_length done the way sentence-transformers does it."""
+max_seq_length done the way sentence-transformers does it. tp 1, 2 and 4 come from the shared torchrun job per
+tp (tests/family_jobs.py); tp 3 runs its own."""
 
 import numpy as np
 import pytest
 
-import tiny_models as tm
 from dist_utils import cosines, embed_models
+from family_jobs import MINILM, TPS
+from family_jobs import MINILM_TEXTS as TEXTS
 from tp_embed.model_path import default_model_dir
-
-TEXTS = tm.MIXED_TEXTS + [
-    "A man is eating food.", "A man is riding a horse.", "The new movie is awesome!",
-    "Die Katze sitzt auf der Matte.", "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "El aprendizaje automático transforma la industria.", "Это предложение на русском языке.",
-    "これは日本語の文です。", "这是一个中文句子。", "이것은 한국어 문장입니다.", "Ελληνικά γράμματα αβγ",
-    "emoji 🚀🔥 and symbols ∑∫√", "", " ".join(["long"] * 400), tm.LONG_TEXT * 3,
-    "Tabs\tand\nnewlines\r\nmixed", "UPPER CASE TEXT", "a" * 1000,
-]
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +22,10 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    out = {}
-    for tp in (1, 2, 3):
-        d = str(tmp_path_factory.mktemp(f"minilm{tp}"))
-        # no --model-path: the embedded default
-        embed_models(tp, d, TEXTS, [{"name": "minilm", "flags": ["--truncate"]}])
-        out[tp] = d
+def outputs(family_jobs, tmp_path_factory):
+    out = dict(family_jobs.dirs)
+    out[3] = str(tmp_path_factory.mktemp("minilm3"))
+    embed_models(3, out[3], TEXTS, [MINILM])
     return out
 
 
@@ -44,7 +34,7 @@ def test_texts_cover_the_cases():
     assert any(not t.isascii() for t in TEXTS)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize("tp", sorted(TPS + (3,)))
 def test_minilm_matches_sentence_transformers(outputs, reference, tp):
     ours = np.load(f"{outputs[tp]}/minilm.npy")
     assert ours.shape == (len(TEXTS), 384)
