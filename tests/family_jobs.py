@@ -1,8 +1,9 @@
-"""The newer families' tiny checkpoints (MPNet, ModernBERT, Gemma, SPLADE, bge-m3, FP8 checkpoints), the real
-all-MiniLM-L6-v2, and ONE torchrun job per tp that embeds all of them: torch and gloo start three times instead of
-a dozen. tests/test_mpnet.py, test_modernbert.py, test_gemma.py, test_splade.py, test_bge_m3.py,
-test_fp8_checkpoint.py and test_minilm.py read their models' outputs from the session fixture `family_jobs`
-(tests/conftest.py); each file's docstring says what its models are for."""
+"""Every family's tiny checkpoints (the first ones: Mistral, Qwen2, Qwen3, BERT, XLM-R; then MPNet, ModernBERT,
+Gemma, SPLADE, bge-m3, FP8 checkpoints), the real all-MiniLM-L6-v2, and ONE torchrun job per tp that embeds all
+of them: torch and gloo start three times instead of a dozen. tests/test_models.py, test_mpnet.py,
+test_modernbert.py, test_gemma.py, test_splade.py, test_bge_m3.py, test_fp8_checkpoint.py and test_minilm.py read
+their models' outputs from the session fixture `family_jobs` (tests/conftest.py); each file's docstring says what
+its models are for."""
 
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ MINILM_TEXTS = tm.MIXED_TEXTS + [
     "Tabs\tand\nnewlines\r\nmixed", "UPPER CASE TEXT", "a" * 1000,
 ]
 MINILM = {"name": "minilm", "flags": ["--truncate"], "texts": MINILM_TEXTS}  # no --model-path: the embedded default
+# tests/test_models.py's checkpoints (classic_checkpoints), and the extra runs of them it reads
+CLASSIC = ("mistral", "mistral_sharded", "qwen2", "qwen3", "bert", "bert_prefixed", "xlmr", "xlmr_prefixed",
+           "bert_dense", "qwen3_dense")
+MATRYOSHKA = '{"matryoshka_dimensions": [16, 32]}'
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,38 @@ def build_checkpoints(root) -> dict:
                                                         activation_function="log1p_relu"),
         "bge_m3": make_bge_m3(str(root / "bge_m3")),
         **fp8_checkpoints(root),
+        **classic_checkpoints(root),
     }
+
+
+def classic_checkpoints(root) -> dict:
+    """tests/test_models.py's models but "mistral" (fp8_checkpoints' tiny Mistral, the same checkpoint)."""
+    return {
+        "mistral_sharded": tm.make_mistral(str(root / "mistral_sharded"), max_shard_size="20KB", legacy_config=True),
+        "qwen2": tm.make_qwen2_bidirectional(str(root / "qwen2")),
+        "qwen3": tm.make_qwen3(str(root / "qwen3")),
+        "bert": tm.make_bert(str(root / "bert")),
+        "bert_prefixed": tm.make_bert(str(root / "bert_prefixed"), with_prefix=True),
+        "xlmr": tm.make_xlm_roberta(str(root / "xlmr")),
+        "xlmr_prefixed": tm.make_xlm_roberta(str(root / "xlmr_prefixed"), with_prefix=True),
+        # sentence-transformers Dense modules after pooling: a tanh projection, and a stella-style linear one
+        "bert_dense": tm.add_dense_module(tm.make_bert(str(root / "bert_dense"), seed=1), 32, "tanh"),
+        "qwen3_dense": tm.add_dense_module(tm.make_qwen3(str(root / "qwen3_dense"), seed=1), 48, "identity"),
+    }
+
+
+def classic_specs(ck: dict) -> list[dict]:
+    """tests/test_models.py's runs: every classic checkpoint (the decoders alone too), a prompt, a forced-causal
+    Qwen2 and Matryoshka dimensions."""
+    specs = [{"name": name, "flags": ["--model-path", ck[name]], "alone": name in ("mistral", "qwen2", "qwen3")}
+             for name in CLASSIC]
+    return specs + [
+        {"name": "mistral_query", "flags": ["--model-path", ck["mistral"], "--prompt-name", "query"]},
+        {"name": "qwen2_forced_causal",
+         "flags": ["--model-path", ck["qwen2"], "--json-model-override-args", '{"is_causal": true}']},
+        {"name": "qwen3_dim16",
+         "flags": ["--model-path", ck["qwen3"], "--json-model-override-args", MATRYOSHKA, "--dimensions", "16"]},
+    ]
 
 
 def fp8_checkpoints(root) -> dict:
@@ -87,11 +123,11 @@ def model_specs(ck: dict, tp: int) -> list[dict]:
         model("splade_bert_untied", "--truncate", texts=SPLADE_TEXTS),
         model("splade_distilbert", "--truncate", texts=SPLADE_TEXTS),
         model("bge_m3", token_outputs=["sparse", "colbert"]),
-        model("mistral"),
         model("mistral_fp8", "--quantization", "fp8", path="mistral"),
         model("mistral_ct"),
         model("mistral_fbgemm"),
         MINILM,
+        *classic_specs(ck),  # "mistral" among them
     ]
     if tp == 1:  # ModernBERT with PyTorch's attention (the others take the compiled CPU kernel where it builds)
         specs.append(model("gte_torch", "--cpu-attention", "torch", path="gte"))

@@ -1,7 +1,8 @@
 """Every tiny random checkpoint family at tp = 1, 2 and 4 (gloo, CPU, float32) against
 sentence-transformers with the same model directory: cosine >= 0.99999 for every vector.
 
-One torchrun job per tp embeds all models (tests/embed_models.py); the tests read its outputs.
+The shared torchrun job per tp (tests/family_jobs.py, tests/embed_models.py) embeds all models; the tests read
+its outputs.
 """
 
 import json
@@ -11,56 +12,22 @@ import numpy as np
 import pytest
 
 import tiny_models as tm
-from dist_utils import assert_matches_reference, cosines, embed_models
+from dist_utils import assert_matches_reference, cosines
 from dist_utils import load_output as load
+from family_jobs import CLASSIC, TEXTS, TPS
 
-TPS = (1, 2, 4)
 BOUND = 0.99999
-TEXTS = tm.MIXED_TEXTS
-MATRYOSHKA = '{"matryoshka_dimensions": [16, 32]}'
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {
-        "mistral": tm.make_mistral(str(root / "mistral")),
-        "mistral_sharded": tm.make_mistral(str(root / "mistral_sharded"), max_shard_size="20KB", legacy_config=True),
-        "qwen2": tm.make_qwen2_bidirectional(str(root / "qwen2")),
-        "qwen3": tm.make_qwen3(str(root / "qwen3")),
-        "bert": tm.make_bert(str(root / "bert")),
-        "bert_prefixed": tm.make_bert(str(root / "bert_prefixed"), with_prefix=True),
-        "xlmr": tm.make_xlm_roberta(str(root / "xlmr")),
-        "xlmr_prefixed": tm.make_xlm_roberta(str(root / "xlmr_prefixed"), with_prefix=True),
-        # sentence-transformers Dense modules after pooling: a tanh projection, and a stella-style linear one
-        "bert_dense": tm.add_dense_module(tm.make_bert(str(root / "bert_dense"), seed=1), 32, "tanh"),
-        "qwen3_dense": tm.add_dense_module(tm.make_qwen3(str(root / "qwen3_dense"), seed=1), 48, "identity"),
-    }
-
-
-def model_specs(ck: dict) -> list[dict]:
-    specs = [{"name": name, "flags": ["--model-path", path], "alone": name in ("mistral", "qwen2", "qwen3")}
-             for name, path in ck.items()]
-    specs += [
-        {"name": "mistral_query", "flags": ["--model-path", ck["mistral"], "--prompt-name", "query"]},
-        {"name": "qwen2_forced_causal",
-         "flags": ["--model-path", ck["qwen2"], "--json-model-override-args", '{"is_causal": true}']},
-        {"name": "qwen3_dim16",
-         "flags": ["--model-path", ck["qwen3"], "--json-model-override-args", MATRYOSHKA, "--dimensions", "16"]},
-    ]
-    return specs
+def checkpoints(family_jobs):
+    return {name: family_jobs.checkpoints[name] for name in CLASSIC}
 
 
 @pytest.fixture(scope="module")
-def outputs(checkpoints, tmp_path_factory):
-    """{tp: output directory} after one torchrun job per tp."""
-    dirs = {}
-    for tp in TPS:
-        out = str(tmp_path_factory.mktemp(f"tp{tp}"))
-        embed_models(tp, out, TEXTS, model_specs(checkpoints))
-        dirs[tp] = out
-    return dirs
-
+def outputs(family_jobs):
+    """{tp: output directory} of the shared torchrun job per tp (tests/family_jobs.py)."""
+    return family_jobs.dirs
 
 
 @pytest.fixture(scope="module")
