@@ -75,9 +75,11 @@ class GraphPlans:
     @contextlib.contextmanager
     def reusing(self):
         self.next = 0
-        with self.recording():
-            yield
-        self.next = None
+        try:
+            with self.recording():
+                yield
+        finally:
+            self.next = None
 
     def plan(self, cls: type, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor, max_seqlen: int,
              rel_bias: torch.Tensor | None) -> Attention:
