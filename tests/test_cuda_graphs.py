@@ -17,7 +17,7 @@ from test_last_layer_pruning import make_engine
 from tiny_mpnet import make_mpnet
 from tp_embed.batch import Batch
 from tp_embed.cuda_graphs import CudaGraphs, capture_eagerly, graph_sizes, pad_batch
-from tp_embed.layers.attention import GraphUnsupported
+from tp_embed.layers.attention import GraphUnsupported, flashinfer_available
 
 CASES = {  # name -> (builder, --pooling or None for the model's own)
     "bert": (tm.make_bert, None),  # cls
@@ -112,9 +112,8 @@ def test_the_flag_rejects_a_negative_size(tmp_path, capsys):
     assert "--cuda-graph-max-tokens must be 0 (off) or more" in capsys.readouterr().err
 
 
-needs_cuda_flashinfer = pytest.mark.skipif(
-    not torch.cuda.is_available() or not __import__("tp_embed.layers.attention", fromlist=["x"]).flashinfer_available(),
-    reason="needs a CUDA GPU with flashinfer installed")
+needs_cuda_flashinfer = pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(),
+                                           reason="needs a CUDA GPU with flashinfer installed")
 
 
 @pytest.mark.gpu
