@@ -10,7 +10,8 @@ Steps, each recorded even when a later one fails:
      import check)
   2. throughput: a measured bf16 8192^3 matmul peak, then engine tokens/s and model FLOP utilization
      for a random model with e5-mistral-7b's shape (bf16) at 128-, 512- and 2048-token inputs and a
-     mixed-length batch, next to transformers' MistralModel (SDPA, padded batches) on the same GPU
+     mixed-length batch, next to transformers' MistralModel (SDPA, padded batches) on the same GPU; and a
+     profile of two 512-token batches: GPU time by kind of kernel (GEMM, attention, norm, activation, rotary)
   3. the sharded CUDA path at tp = 2 on one GPU (gloo): offline embeddings vs tp = 1, float32 and bf16
   4. FlashInfer vs SDPA on random packed batches (the GPU-marked tests of tests/test_attention.py), and
      captured CUDA graphs against the eager pass (tests/test_cuda_graphs.py's)
@@ -249,12 +250,55 @@ def step_throughput(work: str, seq_lens: list[int], batch_tokens: int, warmup: i
     sec = bench_engine.time_forward(functools.partial(engine.forward_pooled, seqs), engine.device, warmup, iters)
     ours.append({"seq_len": "mixed", "num_seqs": len(seqs), "tokens_per_s": sum(mixed_lens) / sec})
     attention = "flashinfer" if engine.model.layers and _uses_flashinfer(engine) else "sdpa"
+    try:
+        breakdown = kernel_breakdown(engine, 512, batch_tokens)
+    except Exception:  # the profile is extra: a profiler that fails leaves the throughput figures standing
+        breakdown = {"error": traceback.format_exc()[-1500:]}
     del engine
     gc.collect()
     torch.cuda.empty_cache()
     theirs = transformers_tokens_per_s(E5_MISTRAL_SHAPE, seq_lens, batch_tokens, warmup, iters, mixed_lens)
     return {"matmul_peak_tflops": peak, "attention": attention, "ours": ours, "transformers": theirs,
-            "batch_tokens": batch_tokens, "mixed_lens": mixed_lens}
+            "batch_tokens": batch_tokens, "mixed_lens": mixed_lens, "kernel_breakdown": breakdown}
+
+
+# kinds of kernel by what their names contain (lower case), first match wins; the rest is "other"
+KERNEL_KINDS = (("attention", ("prefill", "fmha", "flash", "attention")),
+                ("norm", ("rmsnorm", "layer_norm", "layernorm")),
+                ("activation", ("silu", "gelu", "and_mul")),
+                ("rotary", ("rope", "rotary")),
+                ("all-reduce", ("nccl", "allreduce", "all_reduce")),
+                ("gemm", ("gemm", "cutlass", "xmma", "cublas", "nvjet", "matmul", "scaled_mm")))
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
+
+
+def kernel_breakdown(engine, seq_len: int, batch_tokens: int, iters: int = 2) -> dict:
+    """Where the forward pass's time goes, for the MFU line: `iters` profiled batches of seq_len-token inputs,
+    the kernels' own time summed by kind (KERNEL_KINDS) as shares of the total, and the ten longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seqs = [[1] * seq_len] * max(1, batch_tokens // seq_len)
+    engine.forward_pooled(seqs)
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            engine.forward_pooled(seqs)
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    times = [(e.key, getattr(e, attr)) for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(t for _, t in times) or 1.0
+    kinds = {}
+    for name, t in times:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+    longest = sorted(times, key=lambda x: -x[1])[:10]
+    return {"seq_len": seq_len, "batches": iters, "total_ms": total / 1000,
+            "share_by_kind": {k: round(v / total, 4) for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
+            "longest": [{"kernel": n[:120], "ms": t / 1000, "kind": kernel_kind(n)} for n, t in longest]}
 
 
 def step_variants(work: str, variants: dict, test_file: str, batch_tokens: int, warmup: int, iters: int,
@@ -449,6 +493,10 @@ def markdown(result: dict) -> str:
             mfu = f"{100 * ours['mfu']:.1f}%" if "mfu" in ours else "n/a"
             lines.append(f"| {ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {mfu} | "
                          f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+    breakdown = (result.get("throughput") or {}).get("kernel_breakdown") or {}
+    if breakdown.get("share_by_kind"):
+        lines += ["", f"GPU time by kind of kernel, {breakdown['seq_len']}-token inputs: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in breakdown["share_by_kind"].items())]
     for key, what, base, new in (("fp8", "FP8", "bf16", "fp8"), ("fused", "Fused ops", "unfused", "fused")):
         r = result.get(key)
         if r:
