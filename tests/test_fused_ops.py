@@ -91,7 +91,7 @@ def test_rope_keeps_the_pytorch_path_where_the_kernel_cannot_go():
     mrope = RotaryEmbedding(inv_freq, section=[8, 12, 12], max_positions=8)
     assert not mrope(positions.expand(3, -1), 5, torch.float32).kernel
     # on the CPU: the rotate-half reference; rows past the batch's tokens (oneDNN's padding) come out zero
-    rope = RotaryEmbedding(inv_freq, scale=0.5, max_positions=8)(positions, 5, torch.float32)
+    rope = RotaryEmbedding(inv_freq, scale=0.5, max_positions=8)(positions, 5, torch.float32, rows=10)
     q, k = qkv_views(10, 4, 2, 64)
     got_q, got_k = rope.rotate(q, k)
     cos, sin = rope_cos_sin(positions, inv_freq, 0.5, torch.float32)

@@ -86,31 +86,34 @@ class RotaryEmbedding(nn.Module):
             self._table = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.scale
         return self._table
 
-    def forward(self, positions: torch.Tensor, max_seqlen: int, dtype: torch.dtype) -> "Rope":
-        """This batch's rotation: positions [num_tokens] (or [3, num_tokens] for M-RoPE), each below max_seqlen."""
-        return Rope(self, positions, dtype, kernel=self.section is None and max_seqlen <= self.max_positions)
+    def forward(self, positions: torch.Tensor, max_seqlen: int, dtype: torch.dtype, rows: int | None = None) -> "Rope":
+        """This batch's rotation: positions [num_tokens] (or [3, num_tokens] for M-RoPE), each below max_seqlen;
+        `rows`: how many rows q and k carry when a model pads them past the tokens (oneDNN's bucketed matmuls)."""
+        return Rope(self, positions, dtype, kernel=self.section is None and max_seqlen <= self.max_positions,
+                    rows=rows)
 
 
 class Rope:
     """One batch's rotary embedding for `rotate`. `kernel`: whether FlashInfer's kernel may take it (plain
     positions inside the table); it does where layers/fused.py says the tensors fit, else the PyTorch path."""
 
-    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernel: bool):
-        self.rotary, self.positions, self.dtype, self.kernel = rotary, positions, dtype, kernel
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype, kernel: bool,
+                 rows: int | None = None):
+        self.rotary, self.positions, self.dtype, self.kernel, self.rows = rotary, positions, dtype, kernel, rows
 
     @functools.cached_property
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [rows, head_dim/2] for the PyTorch path, once per batch: zero past the batch's tokens."""
         r = self.rotary
-        return rope_cos_sin(self.positions, r.inv_freq, r.scale, self.dtype, r.section)
+        cos, sin = rope_cos_sin(self.positions, r.inv_freq, r.scale, self.dtype, r.section)
+        pad = (self.rows or cos.shape[0]) - cos.shape[0]
+        return (cos, sin) if pad <= 0 else (F.pad(cos, (0, 0, 0, pad)), F.pad(sin, (0, 0, 0, pad)))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [rows, heads, head_dim], k [rows, kv_heads, head_dim], turned by each token's position; rows past
-        the batch's tokens (padding for oneDNN's bucketed matmuls) come out zero. On CUDA q and k are
-        turned in place: pass tensors nothing else reads."""
+        the batch's tokens come out zero. On CUDA q and k are turned in place: pass tensors nothing else reads."""
         if self.kernel and fused.rope_kernel_takes(q, k, self.positions):
             fused.rope_inplace(q, k, self.positions, self.rotary.table())
             return q, k
         cos, sin = self.cos_sin
-        if q.shape[0] > cos.shape[0]:
-            cos, sin = (F.pad(t, (0, 0, 0, q.shape[0] - t.shape[0])) for t in (cos, sin))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

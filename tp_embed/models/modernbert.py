@@ -135,7 +135,7 @@ class ModernBertModel(nn.Module):
         for kind in self.kinds:
             attn = plan_attention(batch.cu_seqlens, batch.max_seqlen, cfg.num_local_heads, cfg.num_local_heads,
                                   cfg.head_dim, False, x.dtype, attention_backend, window=self.window[kind])
-            plans[kind] = (self.rotary[kind](batch.positions, batch.max_seqlen, x.dtype), attn)
+            plans[kind] = (self.rotary[kind](batch.positions, batch.max_seqlen, x.dtype, num_rows), attn)
         last = len(self.layers) - 1
         for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
             x = layer(x, *plans[kind], rows if i == last else None)
