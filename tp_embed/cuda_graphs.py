@@ -110,7 +110,6 @@ class CudaGraphs:
         """model(batch) -> hidden states [num_tokens, hidden]. Captures from the largest size down, all in one
         memory pool (a smaller graph reuses the larger's memory: only one runs at a time). Raises
         GraphUnsupported (tp_embed.layers.attention) where the model's attention cannot be captured."""
-        self.model, self.device = model, device
         pool = torch.cuda.graph_pool_handle() if capture is capture_cuda else None
         self.graphs = []
         for size in reversed(graph_sizes(max_tokens)):

@@ -10,6 +10,7 @@ be issued in the same order on every rank.
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -243,7 +244,7 @@ class Engine:
         graph = None if self.graphs is None else self.graphs.find(batch)
         if graph is not None:  # a CUDA graph runs it (no last-layer pruning): the device needs only the boundaries
             out, rows = self.graphs.run(graph, batch), None
-            batch = Batch(batch.input_ids, batch.positions, batch.cu_seqlens.to(self.device), batch.max_seqlen)
+            batch = dataclasses.replace(batch, cu_seqlens=batch.cu_seqlens.to(self.device))
         else:
             batch = batch.to(self.device)
             rows = self.pooled_rows(batch)
