@@ -1,4 +1,5 @@
-"""Helpers for tests that run tp-embed under torchrun on CPU (gloo)."""
+"""Helpers for tests that run tp-embed under torchrun on CPU (gloo), or its offline entry point's steps in the
+test's own process."""
 
 import json
 import os
@@ -10,6 +11,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def offline_compute(flags: list[str], data: list | None = None):
+    """What `python -m tp_embed.offline *flags` would write, computed in this process (no interpreter, torch or
+    gloo to start): its parser, then `load_input` (unless `data` gives the inputs), an engine and `compute`.
+    Raises what the command reports (ValueError, InputTooLongError, ...)."""
+    from tp_embed import offline
+    from tp_embed.args import parse_with_config
+    from tp_embed.config import EngineConfig
+    from tp_embed.engine import Engine
+
+    args = parse_with_config(offline.build_parser(), flags)
+    data = offline.load_input(args) if data is None else data
+    engine = Engine(EngineConfig.from_args(args), show_progress=False)
+    return offline.compute(engine, args, data, [engine]).numpy()
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

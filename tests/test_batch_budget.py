@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 
 import tiny_models as tm
-from dist_utils import cosines
-from tp_embed import offline
-from tp_embed.args import parse_with_config
-from tp_embed.config import EngineConfig
-from tp_embed.engine import Engine, fit_batch_tokens
+from dist_utils import cosines, offline_compute
+from tp_embed.engine import fit_batch_tokens
 from tp_embed.text import InputTooLongError
 
 
@@ -26,18 +23,15 @@ def test_small_batch_budget(tmp_path):
     model = tm.make_mistral(str(tmp_path / "m"))
     texts = ["the cat", "a somewhat longer text of several words here", "x"]
 
-    def offline_compute(*flags) -> np.ndarray:
-        args = parse_with_config(offline.build_parser(), ["--model-path", model, "--input", "-", "--output", "-",
-                                                          "--no-progress", *flags])
-        engine = Engine(EngineConfig.from_args(args), show_progress=False)
-        return offline.compute(engine, args, texts, [engine]).numpy()
+    def embed(*flags) -> np.ndarray:
+        return offline_compute(["--model-path", model, "--input", "-", "--output", "-", "--no-progress", *flags], texts)
 
     with pytest.raises(InputTooLongError, match="context length of 8 tokens"):
-        offline_compute("--max-batch-tokens", "8")
-    truncated = offline_compute("--max-batch-tokens", "8", "--allow-auto-truncate")
+        embed("--max-batch-tokens", "8")
+    truncated = embed("--max-batch-tokens", "8", "--allow-auto-truncate")
     assert truncated.shape[0] == 3
     # the short texts fit one batch each and equal the reference; the long one was cut to 8 tokens
     ref = tm.st_encode(model, texts)
     cos = cosines(truncated, ref)
     assert cos[0] >= 0.99999 and cos[2] >= 0.99999 and cos[1] < 0.999
-    assert cosines(offline_compute("--max-batch-tokens", "64"), ref).min() >= 0.99999
+    assert cosines(embed("--max-batch-tokens", "64"), ref).min() >= 0.99999

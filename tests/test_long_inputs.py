@@ -10,11 +10,8 @@ import pytest
 import torch
 
 import tiny_models as tm
-from dist_utils import run
-from tp_embed import offline
-from tp_embed.args import parse_with_config
-from tp_embed.config import EngineConfig, SentenceTransformersConfig
-from tp_embed.engine import Engine
+from dist_utils import offline_compute, run
+from tp_embed.config import SentenceTransformersConfig
 from tp_embed.pooling import combine_windows
 from tp_embed.text import InputTooLongError, LengthPolicy, TextProcessor
 
@@ -169,9 +166,7 @@ def test_chunking_at_tp_1_offline(minilm_dir, minilm_text, chunk_texts, tmp_path
         proc = run([sys.executable, "-m", "tp_embed.offline", *flags])
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
-        args = parse_with_config(offline.build_parser(), flags)
-        engine = Engine(EngineConfig.from_args(args), show_progress=False)
-        np.save(out, offline.compute(engine, args, texts, [engine]).numpy())
+        np.save(out, offline_compute(flags))
     text = TextProcessor(minilm_dir, SentenceTransformersConfig.read(minilm_dir), 512, context_length=64)
     windows = text.encode_windows(texts, LengthPolicy("chunk"))
     assert [len(w) for w in windows][0] == -(-(len(text.tokenizer(texts[0])["input_ids"]) - 2) // 62)

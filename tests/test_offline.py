@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 
 import tiny_rerankers as tr
-from dist_utils import ROOT, run, torchrun_cmd
+from dist_utils import ROOT, offline_compute, run, torchrun_cmd
 from tiny_models import MIXED_TEXTS
-from tp_embed.args import parse_with_config
-from tp_embed.config import EngineConfig
-from tp_embed.engine import Engine
-from tp_embed.offline import build_parser, compute, holds_pairs, load_input, read_pairs, read_texts
+from tp_embed.offline import holds_pairs, load_input, read_pairs, read_texts
 
 
 def test_read_texts_lines_and_jsonl(tmp_path):
@@ -146,19 +143,11 @@ def test_scores_pairs_and_classifies_texts_at_dp_2(tmp_path):
     # the rest through the command's own steps in this process (load_input, compute), which says the same
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(t.replace("\n", " ") + "\n" for t in MIXED_TEXTS))
-    engine = None
-
-    def offline_compute(task: str):
-        nonlocal engine
-        args = parse_with_config(build_parser(), ["--no-progress", "--model-path", ce, "--task", task, "--input",
-                                                  str(texts), "--output", str(out)])
-        engine = engine or Engine(EngineConfig.from_args(args), show_progress=False)
-        return compute(engine, args, load_input(args), [engine]).numpy()
-
+    flags = ["--no-progress", "--model-path", ce, "--input", str(texts), "--output", str(out), "--task"]
     lines = texts.read_text().splitlines()
-    np.testing.assert_allclose(offline_compute("classify"), tr.classifier_probs(ce, lines), atol=1e-5)
+    np.testing.assert_allclose(offline_compute(flags + ["classify"]), tr.classifier_probs(ce, lines), atol=1e-5)
     with pytest.raises(ValueError, match="reads a .jsonl file"):
-        offline_compute("score")
+        offline_compute(flags + ["score"])
     # and the command: a task the model does not serve is one line and exit 2
     proc = run([sys.executable, "-m", "tp_embed.offline", "--no-progress", "--model-path", ce, "--task", "embed",
                 "--input", str(texts), "--output", str(out)])
