@@ -294,7 +294,8 @@ def kernel_breakdown(engine, seq_len: int, batch_tokens: int, iters: int = 2) ->
     total = sum(t for _, t in times) or 1.0
     kinds = {}
     for name, t in times:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     longest = sorted(times, key=lambda x: -x[1])[:10]
     return {"seq_len": seq_len, "batches": iters, "total_ms": total / 1000,
             "share_by_kind": {k: round(v / total, 4) for k, v in sorted(kinds.items(), key=lambda x: -x[1])},

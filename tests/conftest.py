@@ -44,7 +44,7 @@ def minilm_dir() -> str:
 
 @pytest.fixture(scope="session")
 def family_jobs(tmp_path_factory):
-    """MPNet, ModernBERT, Gemma and SPLADE checkpoints embedded at tp = 1, 2, 4 in one job per tp
+    """Every family's tiny checkpoints and the real all-MiniLM-L6-v2 embedded at tp = 1, 2, 4 in one job per tp
     (tests/family_jobs.py)."""
     import family_jobs as jobs
     return jobs.run(tmp_path_factory)
